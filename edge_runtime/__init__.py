@@ -1,0 +1,49 @@
+"""edge_runtime: answer on the device with a distilled student, escalate hard queries to a
+teacher gateway.
+
+Data flow: ``package`` reads and checks a model package in memory -> ``model`` creates the
+tokenizer and the ONNX Runtime session from its bytes -> ``gate`` scores the student's
+calibrated confidence -> ``runtime`` answers locally or calls ``teacher_client``, falling back
+to the local answer when the teacher is unreachable. ``errors`` holds the exception hierarchy.
+"""
+
+from edge_runtime.errors import (
+    ConfigError,
+    DataFormatError,
+    EdgeRuntimeError,
+    ModelError,
+    PackageError,
+    PackageIntegrityError,
+    TeacherError,
+    TeacherRejected,
+    TeacherUnavailable,
+)
+from edge_runtime.package import ModelPackage, read_package
+from edge_runtime.runtime import (
+    SOURCE_LOCAL,
+    SOURCE_LOCAL_OFFLINE,
+    SOURCE_TEACHER,
+    Answer,
+    EdgeRuntime,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Answer",
+    "ConfigError",
+    "DataFormatError",
+    "EdgeRuntime",
+    "EdgeRuntimeError",
+    "ModelError",
+    "ModelPackage",
+    "PackageError",
+    "PackageIntegrityError",
+    "SOURCE_LOCAL",
+    "SOURCE_LOCAL_OFFLINE",
+    "SOURCE_TEACHER",
+    "TeacherError",
+    "TeacherRejected",
+    "TeacherUnavailable",
+    "read_package",
+]

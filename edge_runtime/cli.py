@@ -1,0 +1,202 @@
+"""The ``edge-runtime`` command line: demo, ask, eval and gateway."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections import Counter
+from collections.abc import Iterator
+
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.runtime import EdgeRuntime
+
+DEFAULT_STUDENT_PACKAGE = "models/clinc150-student.edgepkg"
+DEFAULT_TEACHER_PACKAGE = "models/clinc150-teacher.edgepkg"
+
+# Varied queries for the demo: clear in-scope requests, vaguer ones the student is less sure
+# of, and out-of-scope questions that belong to no intent.
+DEMO_QUERIES = [
+    "what's the weather going to be like in boston tomorrow",
+    "set an alarm for 6:30 am",
+    "transfer 200 dollars from checking to savings",
+    "how do you say thank you in japanese",
+    "book me a flight to denver next friday",
+    "what is my current bank balance",
+    "i want to know more about my money situation",
+    "can you help me with the thing from yesterday",
+    "is it going to be a problem if i go now",
+    "what should i do about my card",
+    "who won the world cup in 1998",
+    "how do i bake sourdough bread at home",
+    "tell me the plot of hamlet",
+    "what is the boiling point of mercury",
+]
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--package", default=DEFAULT_STUDENT_PACKAGE,
+                        help="student package (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=2.0,
+                        help="teacher read timeout in seconds (default: %(default)s)")
+
+
+def _add_teacher_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--teacher-url",
+                       help="gateway base URL, for example http://127.0.0.1:8080")
+    group.add_argument("--teacher-package", default=DEFAULT_TEACHER_PACKAGE,
+                       help="start a gateway on loopback serving this package "
+                            "(default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-runtime",
+        description="On-device intent classification with a cloud teacher fallback.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="start a gateway and answer example queries")
+    _add_runtime_options(demo)
+    demo.add_argument("--teacher-package", default=DEFAULT_TEACHER_PACKAGE,
+                      help="teacher package the demo gateway serves (default: %(default)s)")
+
+    ask = commands.add_parser("ask", help="answer one query")
+    ask.add_argument("text", help="the query")
+    _add_runtime_options(ask)
+    ask.add_argument("--teacher-url", help="gateway base URL; without it, answers stay local")
+    ask.add_argument("--debug", action="store_true",
+                     help="include the calibrated score and the top probabilities")
+    ask.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+    evaluate = commands.add_parser("eval", help="evaluate a data split through the cascade")
+    evaluate.add_argument("--data", required=True, help="data set folder")
+    evaluate.add_argument("--split", default="test", help="split name (default: %(default)s)")
+    evaluate.add_argument("--limit", type=int, default=0,
+                          help="evaluate only the first N queries (default: all)")
+    evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
+    _add_runtime_options(evaluate)
+    _add_teacher_options(evaluate)
+
+    gateway = commands.add_parser("gateway", help="serve a teacher package over HTTP")
+    gateway.add_argument("--package", default=DEFAULT_TEACHER_PACKAGE,
+                         help="teacher package (default: %(default)s)")
+    gateway.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    gateway.add_argument("--port", type=int, default=8080,
+                         help="TCP port; 0 picks a free one (default: %(default)s)")
+    gateway.add_argument("--threads", type=int, default=1,
+                         help="ONNX Runtime intra-op threads (default: %(default)s)")
+    return parser
+
+
+@contextlib.contextmanager
+def _teacher_url(args: argparse.Namespace) -> Iterator[str]:
+    """Yield the teacher URL given on the command line, or start a gateway for the run."""
+    if getattr(args, "teacher_url", None):
+        yield args.teacher_url
+        return
+    from edge_runtime.gateway.server import running_gateway
+
+    print(f"starting a gateway for {args.teacher_package} on loopback ...", file=sys.stderr)
+    with running_gateway(args.teacher_package) as gateway:
+        print(f"gateway listening on {gateway.url}", file=sys.stderr)
+        yield gateway.url
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    with _teacher_url(args) as url:
+        with EdgeRuntime.load(args.package, teacher_url=url, threads=args.threads,
+                              read_timeout=args.timeout) as runtime:
+            runtime.answer(DEMO_QUERIES[0])  # warm-up, not shown
+            answers = [(query, runtime.answer(query)) for query in DEMO_QUERIES]
+    width = max(len(q) for q in DEMO_QUERIES)
+    print(f"{'query':<{width}}  {'answer':<22} {'source':<13} {'ms':>6}")
+    print("-" * (width + 45))
+    for query, answer in answers:
+        print(f"{query:<{width}}  {answer.label:<22} {answer.source:<13} "
+              f"{answer.timings_ms['total']:6.2f}")
+    sources = Counter(answer.source for _, answer in answers)
+    local_ms = sorted(a.timings_ms["total"] for _, a in answers if a.source == "local")
+    teacher_ms = sorted(a.timings_ms["total"] for _, a in answers if a.source == "teacher")
+    median = lambda values: values[len(values) // 2] if values else float("nan")  # noqa: E731
+    print(
+        f"{len(answers)} queries: {sources['local']} local (median {median(local_ms):.2f} ms), "
+        f"{sources['teacher']} teacher (median {median(teacher_ms):.2f} ms), "
+        f"{sources['local-offline']} local-offline"
+    )
+    return 0
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    with EdgeRuntime.load(args.package, teacher_url=args.teacher_url, threads=args.threads,
+                          read_timeout=args.timeout, debug=args.debug) as runtime:
+        answer = runtime.answer(args.text)
+    if args.json:
+        body = {"label": answer.label, "source": answer.source,
+                "timings_ms": {k: round(v, 3) for k, v in answer.timings_ms.items()}}
+        if answer.debug is not None:
+            body["debug"] = answer.debug
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"{answer.label}  ({answer.source}, {answer.timings_ms['total']:.2f} ms)")
+    if answer.debug is not None:
+        top = sorted(answer.debug["probabilities"].items(), key=lambda kv: -kv[1])[:5]
+        print(f"score {answer.debug['score']:.4f}, threshold {answer.debug['threshold']:.4f}")
+        for label, probability in top:
+            print(f"  {label:<24} {probability:.4f}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from edge_runtime.data import load_split
+    from edge_runtime.evaluate import evaluate, format_report
+    from edge_runtime.teacher_client import TeacherClient
+
+    examples = load_split(args.data, args.split)
+    if args.limit > 0:
+        examples = examples[: args.limit]
+    with _teacher_url(args) as url:
+        teacher = TeacherClient(url, read_timeout=args.timeout)
+        with EdgeRuntime.load(args.package, teacher_url=url, threads=args.threads,
+                              read_timeout=args.timeout) as runtime:
+            result = evaluate(runtime, teacher, examples, progress=not args.json or True)
+        teacher.close()
+    result["data"] = {"path": args.data, "split": args.split}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_report(result))
+    return 0
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    from edge_runtime.gateway.server import serve
+
+    serve(args.package, host=args.host, port=args.port, threads=args.threads)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    handlers = {"demo": run_demo, "ask": run_ask, "eval": run_eval, "gateway": run_gateway}
+    try:
+        return handlers[args.command](args)
+    except (EdgeRuntimeError, FileNotFoundError) as exc:
+        print(f"edge-runtime {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Exceptions raised by edge_runtime.
+
+Every exception derives from ``EdgeRuntimeError``, with one base per subsystem so that a caller
+can tell bad input data from a broken package or an unreachable teacher::
+
+    EdgeRuntimeError
+    ├── DataFormatError         a data file is malformed (names the file, line and field)
+    ├── PackageError            a model package cannot be read or trusted
+    │   └── PackageIntegrityError   a member's digest or size differs from the manifest
+    ├── ModelError              ONNX Runtime could not load or run a model
+    ├── ConfigError             an invalid setting (names the key and the expected value)
+    └── TeacherError            the teacher gateway could not answer
+        ├── TeacherUnavailable      connection failed, timed out or the server returned 5xx
+        └── TeacherRejected         the gateway refused the request (4xx)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class EdgeRuntimeError(Exception):
+    """Base class of every error raised by edge_runtime."""
+
+
+class DataFormatError(EdgeRuntimeError, ValueError):
+    """A data file does not have the expected format.
+
+    ``line`` is the 1-based line number in the file where the problem was found, or None when
+    the problem is not tied to one line (for example an empty file).
+    """
+
+    def __init__(self, path: str | Path, line: int | None, field: str | None, problem: str):
+        self.path = str(path)
+        self.line = line
+        self.field = field
+        self.problem = problem
+        where = self.path if line is None else f"{self.path}, line {line}"
+        if field:
+            where += f", field {field!r}"
+        super().__init__(f"{where}: {problem}")
+
+
+class PackageError(EdgeRuntimeError):
+    """A model package cannot be read, or fails a check."""
+
+
+class PackageIntegrityError(PackageError):
+    """A package member does not match the digest or size that the manifest lists."""
+
+
+class ModelError(EdgeRuntimeError):
+    """ONNX Runtime failed to load or run a model."""
+
+
+class ConfigError(EdgeRuntimeError, ValueError):
+    """An invalid configuration value."""
+
+
+class TeacherError(EdgeRuntimeError):
+    """The teacher gateway did not return a usable answer."""
+
+
+class TeacherUnavailable(TeacherError):
+    """The teacher could not be reached, timed out, or returned a server error."""
+
+
+class TeacherRejected(TeacherError):
+    """The gateway rejected the request with a client error (4xx)."""
+
+    def __init__(self, status_code: int, detail: str):
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(f"teacher gateway rejected the request with HTTP {status_code}: {detail}")

@@ -1,0 +1,190 @@
+"""The device-side cascade: answer with the student when the gate allows, else ask the teacher.
+
+Flow of one ``EdgeRuntime.answer`` call::
+
+    text -> tokenizer -> student ONNX session -> logits -> ConfidenceGate
+         -> score >= threshold:  Answer(source="local")
+         -> otherwise:           TeacherClient.predict -> Answer(source="teacher")
+                                 teacher unreachable   -> Answer(source="local-offline")
+
+The public ``Answer`` carries the label, its source and timings; the calibrated score and the
+student's probabilities are attached only when the runtime was created with ``debug=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import ConfigError, PackageError, TeacherError, TeacherRejected
+from edge_runtime.gate import ConfidenceGate, softmax
+from edge_runtime.model import DEFAULT_THREADS, OnnxClassifier
+from edge_runtime.package import ModelPackage, read_package
+from edge_runtime.teacher_client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    TeacherClient,
+)
+
+log = logging.getLogger(__name__)
+
+SOURCE_LOCAL = "local"
+SOURCE_TEACHER = "teacher"
+SOURCE_LOCAL_OFFLINE = "local-offline"
+MAX_TEXT_CHARS = 10_000
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer. ``timings_ms`` holds ``tokenize``, ``student``, ``teacher`` (only when the
+    teacher was called) and ``total``, in milliseconds."""
+
+    label: str
+    source: str
+    timings_ms: dict[str, float]
+    # Only with debug=True: calibrated top-1 probability and the student's label probabilities.
+    debug: dict[str, object] | None = field(default=None, repr=False)
+
+    @property
+    def escalated(self) -> bool:
+        """True when the gate sent the query to the teacher, whether or not it answered."""
+        return self.source in (SOURCE_TEACHER, SOURCE_LOCAL_OFFLINE)
+
+
+class EdgeRuntime:
+    """Load a student package once, then answer queries through the local-or-teacher cascade."""
+
+    def __init__(
+        self,
+        package: ModelPackage,
+        teacher: TeacherClient | None = None,
+        threads: int = DEFAULT_THREADS,
+        debug: bool = False,
+    ):
+        if package.manifest.gate is None:
+            raise PackageError(
+                f"{package.path} has no confidence gate in its manifest; a student package is "
+                "needed (teacher packages are served by the gateway)"
+            )
+        self.student = OnnxClassifier(package, threads=threads)
+        self.gate = ConfidenceGate(package.manifest.gate)
+        self.teacher = teacher
+        self.debug = debug
+        self.manifest = package.manifest
+        self.golden_failures = self._check_golden(package.manifest.raw.get("golden") or [])
+        if self.golden_failures:
+            log.error(
+                "%s: the student disagrees with %d golden input(s) on this CPU, so every query "
+                "is escalated to the teacher: %s",
+                package.path, len(self.golden_failures), self.golden_failures[:3],
+            )
+
+    @property
+    def student_trusted(self) -> bool:
+        """False when the student failed its golden inputs on this CPU; it then never answers
+        while the teacher is reachable."""
+        return not self.golden_failures
+
+    def _check_golden(self, golden: list) -> list[str]:
+        """Run the manifest's golden inputs; return a description of each mismatch."""
+        failures = []
+        for item in golden:
+            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                failures.append(f"malformed golden entry {item!r:.80}")
+                continue
+            logits = self.student.predict(item["text"]).logits
+            label = self.student.labels[int(logits.argmax())]
+            if label != item.get("label"):
+                failures.append(f"{item['text']!r}: expected {item.get('label')!r}, got {label!r}")
+        return failures
+
+    @classmethod
+    def load(
+        cls,
+        package_path: str | Path,
+        teacher_url: str | None = None,
+        api_key: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        threads: int = DEFAULT_THREADS,
+        debug: bool = False,
+    ) -> "EdgeRuntime":
+        """Read and check the package at ``package_path``; escalate to ``teacher_url`` if given."""
+        teacher = None
+        if teacher_url:
+            teacher = TeacherClient(
+                teacher_url, api_key=api_key,
+                connect_timeout=connect_timeout, read_timeout=read_timeout,
+            )
+        return cls(read_package(package_path), teacher=teacher, threads=threads, debug=debug)
+
+    def answer(self, text: str) -> Answer:
+        """Answer one query; never raises for an unreachable teacher (answers locally instead)."""
+        if not isinstance(text, str):
+            raise ConfigError(f"text must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ConfigError("text is empty; pass a non-empty query")
+        if len(text) > MAX_TEXT_CHARS:
+            raise ConfigError(
+                f"text has {len(text)} characters; the limit is {MAX_TEXT_CHARS}"
+            )
+        start = time.perf_counter()
+        prediction = self.student.predict(text)
+        decision = self.gate.decide(prediction.logits)
+        timings = {"tokenize": prediction.tokenize_ms, "student": prediction.inference_ms}
+        student_label = (
+            self.student.labels[decision.label_index] if decision.label_index is not None else None
+        )
+
+        source = SOURCE_LOCAL
+        label = student_label
+        if not decision.local or self.golden_failures:
+            label, source, teacher_ms = self._escalate(text, student_label)
+            if teacher_ms is not None:
+                timings["teacher"] = teacher_ms
+        timings["total"] = (time.perf_counter() - start) * 1000.0
+
+        if label is None:
+            # The student gave no usable logits and the teacher is unreachable.
+            raise TeacherError(
+                "the student returned invalid logits and the teacher could not be reached"
+            )
+        return Answer(label=label, source=source, timings_ms=timings,
+                      debug=self._debug_info(prediction.logits, decision.score))
+
+    def _escalate(self, text: str, student_label: str | None) -> tuple[str | None, str, float | None]:
+        if self.teacher is None:
+            return student_label, SOURCE_LOCAL_OFFLINE, None
+        start = time.perf_counter()
+        try:
+            reply = self.teacher.predict(text)
+        except TeacherRejected:
+            raise
+        except TeacherError as exc:
+            log.warning("teacher unavailable, answering locally: %s", exc)
+            return student_label, SOURCE_LOCAL_OFFLINE, (time.perf_counter() - start) * 1000.0
+        return reply.label, SOURCE_TEACHER, (time.perf_counter() - start) * 1000.0
+
+    def _debug_info(self, logits: np.ndarray, score: float | None) -> dict[str, object] | None:
+        if not self.debug:
+            return None
+        probabilities = softmax(logits, self.gate.temperature)
+        return {
+            "score": score,
+            "threshold": self.gate.threshold,
+            "probabilities": dict(zip(self.student.labels, probabilities.round(6).tolist())),
+        }
+
+    def close(self) -> None:
+        if self.teacher is not None:
+            self.teacher.close()
+
+    def __enter__(self) -> "EdgeRuntime":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,96 @@
+"""HTTP client for the teacher gateway's ``POST /v1/predict``.
+
+Failures map to two errors: ``TeacherUnavailable`` when the teacher cannot answer now
+(connection refused, timeout, HTTP 5xx, a response that is not the documented JSON) and
+``TeacherRejected`` when the gateway refuses this request (HTTP 4xx), which a retry will not fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+from edge_runtime.errors import TeacherRejected, TeacherUnavailable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 1.0  # seconds
+DEFAULT_READ_TIMEOUT = 2.0  # seconds
+
+
+@dataclass(frozen=True)
+class TeacherAnswer:
+    label: str
+    request_id: str | None
+    model_version: str | None
+
+
+class TeacherClient:
+    """Blocking client for one gateway; reuses one connection pool across calls."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+    ):
+        self.base_url = base_url.rstrip("/")
+        headers = {"User-Agent": "edge-runtime"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def __repr__(self) -> str:  # the API key stays out of reprs and logs
+        return f"TeacherClient(base_url={self.base_url!r})"
+
+    def predict(self, text: str) -> TeacherAnswer:
+        try:
+            response = self._http.post("/v1/predict", json={"text": text})
+        except httpx.TimeoutException as exc:
+            raise TeacherUnavailable(f"teacher at {self.base_url} timed out: {exc!r}") from exc
+        except httpx.HTTPError as exc:
+            raise TeacherUnavailable(f"teacher at {self.base_url} is unreachable: {exc!r}") from exc
+
+        if response.status_code >= 500:
+            raise TeacherUnavailable(
+                f"teacher at {self.base_url} returned HTTP {response.status_code}"
+            )
+        if response.status_code >= 400:
+            raise TeacherRejected(response.status_code, _problem_detail(response))
+        try:
+            body = response.json()
+            label = body["label"]
+        except (ValueError, KeyError, TypeError):
+            raise TeacherUnavailable(
+                f"teacher at {self.base_url} returned a body without a 'label' field"
+            ) from None
+        if not isinstance(label, str):
+            raise TeacherUnavailable(f"teacher at {self.base_url} returned a non-string label")
+        return TeacherAnswer(
+            label=label,
+            request_id=body.get("request_id"),
+            model_version=body.get("model_version"),
+        )
+
+    def healthy(self) -> bool:
+        try:
+            return self._http.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _problem_detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("title") or body)[:200]
+    return str(body)[:200]

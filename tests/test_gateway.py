@@ -1,0 +1,90 @@
+"""The gateway as a real process on loopback, driven by a real HTTP client."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from edge_runtime.gateway.app import MAX_BODY_BYTES, MAX_TEXT_CHARS, TERMS_NOTICE
+from edge_runtime.package import read_package
+
+pytestmark = pytest.mark.slow
+
+PROBLEM_TYPE = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_gateway):
+    with httpx.Client(base_url=tiny_gateway.url, timeout=10.0) as http:
+        yield http
+
+
+def test_healthz_ok(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_predict_returns_label_only(client, tiny_build):
+    labels = read_package(tiny_build.teacher_package).manifest.labels
+    response = client.post("/v1/predict", json={"text": "what's the weather in paris today"})
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"label", "request_id", "model_version", "notice"}
+    assert body["label"] in labels
+    assert body["label"] == "weather"
+    assert body["notice"] == TERMS_NOTICE
+    assert response.headers["x-terms-notice"] == TERMS_NOTICE
+
+
+@pytest.mark.parametrize(
+    ("content", "title_word"),
+    [
+        (b"{not json", "JSON"),
+        (b"[1, 2]", "request"),
+        (b'{"txt": "hello"}', "text"),
+        (b'{"text": 5}', "text"),
+        (b'{"text": "   "}', "text"),
+        (b"\xff\xfe", "JSON"),
+    ],
+)
+def test_predict_bad_body_400(client, content, title_word):
+    response = client.post("/v1/predict", content=content,
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith(PROBLEM_TYPE)
+    body = response.json()
+    assert body["status"] == 400
+    assert title_word in body["title"] + body["detail"]
+    assert "Traceback" not in response.text
+
+
+def test_predict_text_too_long_400(client):
+    response = client.post("/v1/predict", json={"text": "a" * (MAX_TEXT_CHARS + 1)})
+    assert response.status_code == 400
+    assert "text" in response.json()["title"]
+
+
+def test_predict_body_too_large_413(client):
+    response = client.post("/v1/predict", content=b"x" * (MAX_BODY_BYTES + 1))
+    assert response.status_code == 413
+    assert response.headers["content-type"].startswith(PROBLEM_TYPE)
+
+
+def test_unknown_path_404(client):
+    response = client.get("/v1/unknown")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith(PROBLEM_TYPE)
+
+
+def test_get_on_predict_405(client):
+    response = client.get("/v1/predict")
+    assert response.status_code == 405
+
+
+def test_serves_after_bad_requests(client):
+    for content in (b"{", b"null", b'{"text": []}', b"x" * (MAX_BODY_BYTES + 10)):
+        client.post("/v1/predict", content=content)
+    response = client.post("/v1/predict", json={"text": "set a timer for ten minutes"})
+    assert response.status_code == 200
+    assert response.json()["label"] == "timer"

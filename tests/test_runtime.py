@@ -1,0 +1,129 @@
+"""The cascade against a real gateway process, including the teacher dying mid-run."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+
+from edge_runtime import (
+    SOURCE_LOCAL,
+    SOURCE_LOCAL_OFFLINE,
+    SOURCE_TEACHER,
+    ConfigError,
+    EdgeRuntime,
+    PackageError,
+)
+from edge_runtime.data import load_split
+from edge_runtime.gateway.server import start_gateway
+from edge_runtime.package import read_package, write_package
+from tests.conftest import CLINC150_DIR
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def queries(tiny_build):
+    labels = set(read_package(tiny_build.student_package).manifest.labels)
+    return [e.text for e in load_split(CLINC150_DIR, "val") if e.label in labels][:120]
+
+
+def test_sources_follow_gate(tiny_build, tiny_gateway, queries):
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=tiny_gateway.url,
+                          debug=True) as runtime:
+        answers = [runtime.answer(text) for text in queries]
+    threshold = runtime.gate.threshold
+    for answer in answers:
+        expected = SOURCE_LOCAL if answer.debug["score"] >= threshold else SOURCE_TEACHER
+        assert answer.source == expected
+    sources = {answer.source for answer in answers}
+    assert sources == {SOURCE_LOCAL, SOURCE_TEACHER}
+
+
+def test_answer_hides_scores_by_default(tiny_build):
+    with EdgeRuntime.load(tiny_build.student_package) as runtime:
+        answer = runtime.answer("set an alarm for seven")
+    assert answer.debug is None
+    assert "teacher" not in answer.timings_ms
+    assert answer.timings_ms["total"] >= answer.timings_ms["student"]
+
+
+def test_no_teacher_answers_offline(tiny_build, queries):
+    with EdgeRuntime.load(tiny_build.student_package) as runtime:
+        answers = [runtime.answer(text) for text in queries]
+    assert {a.source for a in answers} == {SOURCE_LOCAL, SOURCE_LOCAL_OFFLINE}
+
+
+def test_teacher_killed_mid_run(tiny_build, queries):
+    gateway = start_gateway(tiny_build.teacher_package)
+    try:
+        runtime = EdgeRuntime.load(tiny_build.student_package, teacher_url=gateway.url,
+                                   read_timeout=2.0, debug=True)
+        before = [runtime.answer(text) for text in queries[:60]]
+        gateway.kill()
+        after = [runtime.answer(text) for text in queries[60:]]
+    finally:
+        gateway.stop()
+    assert SOURCE_TEACHER in {a.source for a in before}
+    assert SOURCE_LOCAL_OFFLINE not in {a.source for a in before}
+    assert SOURCE_TEACHER not in {a.source for a in after}
+    assert SOURCE_LOCAL_OFFLINE in {a.source for a in after}
+    for answer in after:
+        probabilities = answer.debug["probabilities"]
+        assert answer.label == max(probabilities, key=probabilities.get)
+
+
+def test_teacher_restarted_is_used_again(tiny_build):
+    gateway = start_gateway(tiny_build.teacher_package)
+    url = gateway.url
+    gateway.kill()
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=url) as runtime:
+        runtime.gate.threshold = 1.0  # escalate every query
+        assert runtime.answer("what time is it").source == SOURCE_LOCAL_OFFLINE
+        port = int(url.rsplit(":", 1)[1])
+        restarted = start_gateway(tiny_build.teacher_package, port=port)
+        try:
+            assert runtime.answer("what time is it").source == SOURCE_TEACHER
+        finally:
+            restarted.stop()
+
+
+@pytest.mark.parametrize("text", ["", "   ", "x" * 10_001])
+def test_invalid_text_raises(tiny_build, text):
+    with EdgeRuntime.load(tiny_build.student_package) as runtime:
+        with pytest.raises(ConfigError):
+            runtime.answer(text)
+
+
+def test_golden_mismatch_escalates_all(tiny_build, tiny_gateway, tmp_path):
+    package = read_package(tiny_build.student_package)
+    manifest = dict(package.manifest.raw)
+    labels = package.manifest.labels
+    manifest["golden"] = [
+        {"text": item["text"], "label": next(l for l in labels if l != item["label"])}
+        for item in manifest["golden"]
+    ]
+    altered = write_package(tmp_path / "altered.edgepkg", manifest, package.members)
+    with EdgeRuntime.load(altered, teacher_url=tiny_gateway.url) as runtime:
+        assert not runtime.student_trusted
+        sources = {runtime.answer(text).source for text in ["set an alarm", "weather today"]}
+    assert sources == {SOURCE_TEACHER}
+
+
+def test_teacher_package_rejected(tiny_build):
+    with pytest.raises(PackageError, match="no confidence gate"):
+        EdgeRuntime.load(tiny_build.teacher_package)
+
+
+def test_tampered_package_rejected(tiny_build, tmp_path):
+    original = read_package(tiny_build.student_package)
+    target = tmp_path / "tampered.edgepkg"
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr("manifest.json", json.dumps(original.manifest.raw))
+        model = bytearray(original.model_bytes)
+        model[len(model) // 2] ^= 0xFF
+        archive.writestr("model.onnx", bytes(model))
+        archive.writestr("tokenizer.json", original.members["tokenizer.json"])
+    with pytest.raises(PackageError, match="model.onnx"):
+        EdgeRuntime.load(target)
