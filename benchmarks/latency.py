@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "onnxruntime": ort.__version__,
     }
 
-    print(f"{args.queries} queries per model after {args.warmup} warm-up, {args.threads} thread(s), "
+    print(f"{args.queries} queries per model after {args.warmup} warm-up, "
+          f"{args.threads} thread(s), "
           f"mean {mean_tokens:.1f} tokens; tokenization {tokenize_us:.0f} us per query")
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, onnxruntime "
           f"{machine['onnxruntime']}")

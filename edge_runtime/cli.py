@@ -165,7 +165,7 @@ def run_eval(args: argparse.Namespace) -> int:
         teacher = TeacherClient(url, read_timeout=args.timeout)
         with EdgeRuntime.load(args.package, teacher_url=url, threads=args.threads,
                               read_timeout=args.timeout) as runtime:
-            result = evaluate(runtime, teacher, examples, progress=not args.json or True)
+            result = evaluate(runtime, teacher, examples, progress=True)
         teacher.close()
     result["data"] = {"path": args.data, "split": args.split}
     if args.json:

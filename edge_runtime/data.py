@@ -470,7 +470,9 @@ def load_split(data_dir: StrPath, split: str) -> list[Example]:
     DataFormatError. Malformed files raise DataFormatError as in the loaders above.
     """
     if not split or split in (".", "..") or "/" in split or os.sep in split:
-        raise ConfigError(f"invalid split name {split!r}, expected a file name stem such as 'train'")
+        raise ConfigError(
+            f"invalid split name {split!r}, expected a file name stem such as 'train'"
+        )
     folder = Path(data_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {str(folder)!r} not found or not a directory")

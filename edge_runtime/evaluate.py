@@ -119,7 +119,7 @@ def evaluate(runtime: EdgeRuntime, teacher: TeacherClient, examples: Sequence[Ex
 
 
 def format_report(result: dict) -> str:
-    """A short human-readable table of an ``evaluate`` result."""
+    """Format an ``evaluate`` result as a short table for a terminal."""
 
     def pct(value: float | None) -> str:
         return "   n/a" if value is None else f"{value * 100:6.2f}"

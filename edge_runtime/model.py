@@ -78,7 +78,7 @@ class OnnxClassifier:
         )
 
     @classmethod
-    def from_file(cls, path: str, threads: int = DEFAULT_THREADS) -> "OnnxClassifier":
+    def from_file(cls, path: str, threads: int = DEFAULT_THREADS) -> OnnxClassifier:
         return cls(read_package(path), threads=threads)
 
     def predict(self, text: str) -> Prediction:

@@ -100,7 +100,8 @@ def write_package(path: str | Path, manifest: dict[str, Any], members: dict[str,
     manifest = dict(manifest)
     manifest["schema_version"] = SCHEMA_VERSION
     manifest["members"] = {
-        name: {"sha256": sha256_hex(data), "size": len(data)} for name, data in sorted(members.items())
+        name: {"sha256": sha256_hex(data), "size": len(data)}
+        for name, data in sorted(members.items())
     }
     _parse_manifest(manifest, source=str(path))  # a writer never produces what a reader rejects
 
@@ -219,7 +220,10 @@ def _require(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], sourc
         raise PackageError(f"{source}: manifest is missing the key {key!r}")
     value = raw[key]
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        if isinstance(kind, type):
+            expected = kind.__name__
+        else:
+            expected = " or ".join(k.__name__ for k in kind)
         raise PackageError(
             f"{source}: manifest key {key!r} is {type(value).__name__} {value!r:.60}; "
             f"expected {expected}"

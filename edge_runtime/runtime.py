@@ -112,7 +112,7 @@ class EdgeRuntime:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         threads: int = DEFAULT_THREADS,
         debug: bool = False,
-    ) -> "EdgeRuntime":
+    ) -> EdgeRuntime:
         """Read and check the package at ``package_path``; escalate to ``teacher_url`` if given."""
         teacher = None
         if teacher_url:
@@ -123,7 +123,13 @@ class EdgeRuntime:
         return cls(read_package(package_path), teacher=teacher, threads=threads, debug=debug)
 
     def answer(self, text: str) -> Answer:
-        """Answer one query; never raises for an unreachable teacher (answers locally instead)."""
+        """Answer one query through the cascade.
+
+        An unreachable teacher does not raise: the student's label comes back as
+        ``local-offline``. Raises ``ConfigError`` for invalid text, ``TeacherRejected`` when the
+        gateway rejects the request (4xx), and ``TeacherError`` when the student's logits are
+        unusable and the teacher is unreachable.
+        """
         if not isinstance(text, str):
             raise ConfigError(f"text must be a str, got {type(text).__name__}")
         if not text.strip():
@@ -156,7 +162,9 @@ class EdgeRuntime:
         return Answer(label=label, source=source, timings_ms=timings,
                       debug=self._debug_info(prediction.logits, decision.score))
 
-    def _escalate(self, text: str, student_label: str | None) -> tuple[str | None, str, float | None]:
+    def _escalate(
+        self, text: str, student_label: str | None
+    ) -> tuple[str | None, str, float | None]:
         if self.teacher is None:
             return student_label, SOURCE_LOCAL_OFFLINE, None
         start = time.perf_counter()
@@ -172,18 +180,18 @@ class EdgeRuntime:
     def _debug_info(self, logits: np.ndarray, score: float | None) -> dict[str, object] | None:
         if not self.debug:
             return None
-        probabilities = softmax(logits, self.gate.temperature)
+        probabilities = softmax(logits, self.gate.temperature).round(6).tolist()
         return {
             "score": score,
             "threshold": self.gate.threshold,
-            "probabilities": dict(zip(self.student.labels, probabilities.round(6).tolist())),
+            "probabilities": dict(zip(self.student.labels, probabilities, strict=True)),
         }
 
     def close(self) -> None:
         if self.teacher is not None:
             self.teacher.close()
 
-    def __enter__(self) -> "EdgeRuntime":
+    def __enter__(self) -> EdgeRuntime:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

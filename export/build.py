@@ -15,7 +15,6 @@ With ``output.models_dir`` set, the two packages and the reports are also copied
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import platform
 import shutil
@@ -26,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from tokenizers import Tokenizer
 
 from edge_runtime.data import Example, load_split
 from edge_runtime.errors import ConfigError, ModelError
@@ -71,7 +69,7 @@ def load_data(config: BuildConfig) -> tuple[list[Example], list[Example], list[E
             raise ConfigError(f"data.labels names labels not in the train split: {sorted(missing)}")
         splits = [[e for e in split if e.label in keep] for split in splits]
     limits = [data.max_train_per_label, data.max_eval_per_label, data.max_eval_per_label]
-    splits = [_first_per_label(split, limit) for split, limit in zip(splits, limits)]
+    splits = [_first_per_label(split, limit) for split, limit in zip(splits, limits, strict=True)]
     train, val, test = splits
 
     train_labels = {e.label for e in train}
@@ -129,7 +127,6 @@ def build(config: BuildConfig) -> dict:
     """Run the whole pipeline; returns the report that is also written to disk."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": config.to_dict(), "config_sha256": config.digest(), "stages": {}}
@@ -304,7 +301,3 @@ def _golden(logits: np.ndarray, texts: list[str], labels: list[str]) -> list[dic
     gap = margin[:, -1] - margin[:, -2] if logits.shape[1] > 1 else margin[:, -1]
     picks = np.argsort(-gap)[:GOLDEN_COUNT]
     return [{"text": texts[i], "label": labels[int(logits[i].argmax())]} for i in sorted(picks)]
-
-
-def save_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

@@ -31,11 +31,13 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
     return float(-np.log(np.clip(picked, 1e-12, None)).mean())
 
 
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 15
+) -> float:
     """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| * share."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     total = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (confidence > low) & (confidence <= high)
         if in_bin.any():
             total += abs(correct[in_bin].mean() - confidence[in_bin].mean()) * in_bin.mean()

@@ -30,7 +30,7 @@ class StageProgress:
             )
             self._task = self._bar.add_task(description, total=self.total, status="")
 
-    def __enter__(self) -> "StageProgress":
+    def __enter__(self) -> StageProgress:
         if self._bar is not None:
             self._bar.start()
         return self

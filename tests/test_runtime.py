@@ -101,7 +101,7 @@ def test_golden_mismatch_escalates_all(tiny_build, tiny_gateway, tmp_path):
     manifest = dict(package.manifest.raw)
     labels = package.manifest.labels
     manifest["golden"] = [
-        {"text": item["text"], "label": next(l for l in labels if l != item["label"])}
+        {"text": item["text"], "label": next(other for other in labels if other != item["label"])}
         for item in manifest["golden"]
     ]
     altered = write_package(tmp_path / "altered.edgepkg", manifest, package.members)

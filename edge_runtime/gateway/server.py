@@ -137,7 +137,9 @@ def start_gateway(
 
 
 @contextlib.contextmanager
-def running_gateway(package_path: str | Path = DEFAULT_TEACHER_PACKAGE, **kwargs) -> Iterator[GatewayProcess]:
+def running_gateway(
+    package_path: str | Path = DEFAULT_TEACHER_PACKAGE, **kwargs
+) -> Iterator[GatewayProcess]:
     """Context manager form of ``start_gateway`` that always stops the child."""
     gateway = start_gateway(package_path, **kwargs)
     try:
