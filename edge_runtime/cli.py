@@ -10,7 +10,9 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
+from edge_runtime import package_cli
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.package_cli import add_trust_options, trust_from_args
 from edge_runtime.runtime import EdgeRuntime
 
 DEFAULT_STUDENT_PACKAGE = "models/clinc150-student.edgepkg"
@@ -43,6 +45,7 @@ def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
                         help="ONNX Runtime intra-op threads (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=2.0,
                         help="teacher read timeout in seconds (default: %(default)s)")
+    add_trust_options(parser)
 
 
 def _add_teacher_options(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="TCP port; 0 picks a free one (default: %(default)s)")
     gateway.add_argument("--threads", type=int, default=1,
                          help="ONNX Runtime intra-op threads (default: %(default)s)")
+    add_trust_options(gateway, device=False)
+
+    package_cli.add_commands(commands)
     return parser
 
 
@@ -104,7 +110,7 @@ def _teacher_url(args: argparse.Namespace) -> Iterator[str]:
     from edge_runtime.gateway.server import running_gateway
 
     print(f"starting a gateway for {args.teacher_package} on loopback ...", file=sys.stderr)
-    with running_gateway(args.teacher_package) as gateway:
+    with running_gateway(args.teacher_package, signer_keys=tuple(args.signer_key)) as gateway:
         print(f"gateway listening on {gateway.url}", file=sys.stderr)
         yield gateway.url
 
@@ -112,7 +118,7 @@ def _teacher_url(args: argparse.Namespace) -> Iterator[str]:
 def run_demo(args: argparse.Namespace) -> int:
     with _teacher_url(args) as url:
         with EdgeRuntime.load(args.package, teacher_url=url, threads=args.threads,
-                              read_timeout=args.timeout) as runtime:
+                              read_timeout=args.timeout, trust=trust_from_args(args)) as runtime:
             runtime.answer(DEMO_QUERIES[0])  # warm-up, not shown
             answers = [(query, runtime.answer(query)) for query in DEMO_QUERIES]
     width = max(len(q) for q in DEMO_QUERIES)
@@ -135,7 +141,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_ask(args: argparse.Namespace) -> int:
     with EdgeRuntime.load(args.package, teacher_url=args.teacher_url, threads=args.threads,
-                          read_timeout=args.timeout, debug=args.debug) as runtime:
+                          read_timeout=args.timeout, debug=args.debug,
+                          trust=trust_from_args(args)) as runtime:
         answer = runtime.answer(args.text)
     if args.json:
         body = {"label": answer.label, "source": answer.source,
@@ -164,7 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
     with _teacher_url(args) as url:
         teacher = TeacherClient(url, read_timeout=args.timeout)
         with EdgeRuntime.load(args.package, teacher_url=url, threads=args.threads,
-                              read_timeout=args.timeout) as runtime:
+                              read_timeout=args.timeout, trust=trust_from_args(args)) as runtime:
             result = evaluate(runtime, teacher, examples, progress=True)
         teacher.close()
     result["data"] = {"path": args.data, "split": args.split}
@@ -178,7 +185,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_gateway(args: argparse.Namespace) -> int:
     from edge_runtime.gateway.server import serve
 
-    serve(args.package, host=args.host, port=args.port, threads=args.threads)
+    # The gateway verifies the teacher's signature; its package is not encrypted.
+    trust = trust_from_args(args)
+    serve(args.package, host=args.host, port=args.port, threads=args.threads, trust=trust)
     return 0
 
 
@@ -188,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    handlers = {"demo": run_demo, "ask": run_ask, "eval": run_eval, "gateway": run_gateway}
+    handlers = {"demo": run_demo, "ask": run_ask, "eval": run_eval, "gateway": run_gateway,
+                "keys": package_cli.run_keys, "package": package_cli.run_package}
     try:
         return handlers[args.command](args)
     except (EdgeRuntimeError, FileNotFoundError) as exc:

@@ -779,13 +779,19 @@ def save_private_key(
 
 def load_private_key(path: str | Path, password: bytes | None = None) -> DevicePrivateKey:
     """Read a P-256 or X25519 device private key from a PEM file."""
-    pem = _read_key_file(Path(path))
+    return load_private_key_pem(_read_key_file(Path(path)), password, source=str(path))
+
+
+def load_private_key_pem(
+    pem: bytes, password: bytes | None = None, source: str = "PEM text"
+) -> DevicePrivateKey:
+    """Load a P-256 or X25519 device private key from PEM bytes."""
     try:
         key = serialization.load_pem_private_key(pem, password=password)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # The library's message names the problem (bad PEM, wrong or missing password) and
         # contains no key material.
-        raise DeviceKeyError(f"{path}: failed to load the private key: {exc}") from None
+        raise DeviceKeyError(f"{source}: failed to load the private key: {exc}") from None
     _suite_for_key(key, DeviceKeyError)
     return key
 

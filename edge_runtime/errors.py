@@ -6,7 +6,11 @@ can tell bad input data from a broken package or an unreachable teacher::
     EdgeRuntimeError
     ├── DataFormatError         a data file is malformed (names the file, line and field)
     ├── PackageError            a model package cannot be read or trusted
-    │   └── PackageIntegrityError   a member's digest or size differs from the manifest
+    │   ├── PackageIntegrityError   a member's digest or size differs from the manifest
+    │   ├── RollbackError           the version is older than one already accepted
+    │   ├── ExpiredPackageError     the package's expiry time has passed
+    │   ├── signing.SignatureError  the signature is missing, malformed, invalid or unknown
+    │   └── encryption.DecryptionError  a member or the content key cannot be decrypted
     ├── ModelError              ONNX Runtime could not load or run a model
     ├── ConfigError             an invalid setting (names the key and the expected value)
     └── TeacherError            the teacher gateway could not answer
@@ -47,6 +51,14 @@ class PackageError(EdgeRuntimeError):
 
 class PackageIntegrityError(PackageError):
     """A package member does not match the digest or size that the manifest lists."""
+
+
+class RollbackError(PackageError):
+    """The package's version is older than the newest one accepted from the same signer."""
+
+
+class ExpiredPackageError(PackageError):
+    """The package's ``expires_at`` time has passed, beyond the allowed clock skew."""
 
 
 class ModelError(EdgeRuntimeError):

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edge_runtime.errors import ModelError
-from edge_runtime.package import ModelPackage, read_package
+from edge_runtime.package import ModelPackage, TrustPolicy, read_package
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,10 @@ class OnnxClassifier:
         )
 
     @classmethod
-    def from_file(cls, path: str, threads: int = DEFAULT_THREADS) -> OnnxClassifier:
-        return cls(read_package(path), threads=threads)
+    def from_file(cls, path: str, threads: int = DEFAULT_THREADS,
+                  trust: TrustPolicy | None = None) -> OnnxClassifier:
+        """Read a package (unverified unless ``trust`` is given) and load its model."""
+        return cls(read_package(path, trust), threads=threads)
 
     def predict(self, text: str) -> Prediction:
         """Return the logits for one text, tokenized without padding."""

@@ -1,43 +1,91 @@
-"""Model packages: one file holding a manifest, an ONNX model and its tokenizer.
+"""Model packages: one file holding a manifest, an ONNX model and its tokenizer, optionally
+signed and encrypted.
 
-Format, schema version 1: a ZIP archive (members stored, not compressed) with
+Format, schema version 2 (``docs/package-format.md`` has the full description): a ZIP archive
+of stored (uncompressed) members:
 
-- ``manifest.json``: UTF-8 JSON; ``schema_version``, package ``name`` and integer ``version``,
-  ``task``, ``labels``, the ``model`` entry (member name, input and output names, precision,
-  quantization recipe, maximum sequence length), the ``tokenizer`` entry, the confidence ``gate``
-  (calibration temperature and threshold with the figures they came from; absent for a teacher),
-  build ``provenance``, and ``members``: every other member with its SHA-256 and size in bytes.
-- the members named there, for example ``model.onnx`` and ``tokenizer.json``.
+- ``manifest.json``: UTF-8 JSON with the package name and integer version, labels, model and
+  tokenizer entries, the calibrated gate, golden inputs, provenance, an optional ``expires_at``,
+  the ``encryption`` section (member headers and content-key wraps) and ``members``: every
+  other member except the signature, with the SHA-256 and size of its bytes in the archive.
+- the members named there, for example ``model.onnx`` (ciphertext when encrypted) and
+  ``tokenizer.json``.
+- ``model.sig``: a DSSE envelope holding an in-toto statement in the OpenSSF model-signing v1.0
+  shape, signed with ECDSA P-256 over every other member, ``manifest.json`` included.
 
-Reading checks, in order: archive limits (member count, sizes), member names (no absolute paths,
-no ``..``, no duplicates), the manifest's schema, then every member's size and digest. Every
-failure is a ``PackageError`` naming the check and the value. Signing and encryption are planned
-as schema version 2; a version-1 reader rejects any other schema version.
+``read_package`` checks, in order: archive limits and member names; the signature over the raw
+member bytes (before the manifest is parsed); the manifest's schema; every member's size and
+digest; expiry; rollback; then it unwraps the content key and decrypts into memory. Every
+failure is a ``PackageError`` subclass naming the check and the value.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edge_runtime.errors import PackageError, PackageIntegrityError
+from edge_runtime import encryption, signing
+from edge_runtime.errors import (
+    ExpiredPackageError,
+    PackageError,
+    PackageIntegrityError,
+)
+from edge_runtime.rollback import RollbackState
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "model.sig"
 PACKAGE_SUFFIX = ".edgepkg"
+DEFAULT_CLOCK_SKEW = 300.0  # seconds of tolerance on the expiry time
 
 # Limits that a reader enforces before it allocates anything large.
+MAX_PACKAGE_BYTES = 1024 * 1024 * 1024  # bytes
 MAX_MEMBERS = 16
 MAX_MEMBER_BYTES = 512 * 1024 * 1024  # bytes
+MAX_TOTAL_BYTES = 768 * 1024 * 1024  # bytes, all members uncompressed
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # bytes
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """What a reader requires of a package, and the keys it uses.
+
+    ``trusted_keys``: signer public keys (ECDSA P-256) whose signatures are accepted.
+    ``device_key``: this device's private key, which unwraps the content key of encrypted
+    packages. ``passphrase``: a development-only alternative to the device key.
+    ``rollback``: where accepted versions are recorded; None skips the rollback check.
+    ``allow_unsigned``: accept a package without a signature, or skip checking one when no
+    trusted keys are given. For development and inspection only.
+    """
+
+    trusted_keys: Sequence[Any] = ()
+    device_key: Any = field(default=None, repr=False)
+    passphrase: str | bytes | None = field(default=None, repr=False)
+    rollback: RollbackState | None = None
+    allow_downgrade: bool = False
+    allow_unsigned: bool = False
+    clock_skew: float = DEFAULT_CLOCK_SKEW
+    now: Callable[[], dt.datetime] = field(
+        default=lambda: dt.datetime.now(dt.timezone.utc), repr=False
+    )
+
+    @classmethod
+    def unverified(cls, **kwargs: Any) -> TrustPolicy:
+        """A policy that accepts unsigned packages, for development and inspection."""
+        return cls(allow_unsigned=True, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -66,16 +114,20 @@ class Manifest:
     precision: str
     tokenizer_member: str
     gate: GateSettings | None
-    raw: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False)
+    expires_at: str | None = None
 
 
 @dataclass(frozen=True)
 class ModelPackage:
-    """A package read and checked in memory: the manifest and the bytes of each member."""
+    """A package read and checked in memory: the manifest, the plaintext bytes of each member,
+    the signer's key id (None when unsigned or not checked) and one line per check passed."""
 
     path: str
     manifest: Manifest
-    members: dict[str, bytes]
+    members: dict[str, bytes] = field(repr=False)
+    signer_key_id: str | None = None
+    verdicts: tuple[str, ...] = ()
 
     @property
     def model_bytes(self) -> bytes:
@@ -90,31 +142,82 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_package(path: str | Path, manifest: dict[str, Any], members: dict[str, bytes]) -> Path:
-    """Write a package file atomically; ``manifest`` gets its ``members`` and ``schema_version``
-    entries filled in here. Returns the written path."""
+def write_package(
+    path: str | Path,
+    manifest: dict[str, Any],
+    members: dict[str, bytes],
+    *,
+    signer_key: Any = None,
+    recipients: Sequence[Any] = (),
+    passphrase: str | bytes | None = None,
+    encrypt_members: Sequence[str] = ("model.onnx",),
+    segment_size: int = encryption.DEFAULT_SEGMENT_SIZE,
+) -> Path:
+    """Write a package file atomically and return its path.
+
+    ``manifest`` gets its ``schema_version``, ``members`` and ``encryption`` entries filled in
+    here. With ``recipients`` (device public keys) or a development ``passphrase``, the members
+    in ``encrypt_members`` are encrypted under a fresh content key. With ``signer_key`` (an
+    ECDSA P-256 private key) the package is signed over every member and the manifest.
+    """
+    seen: set[str] = set()
     for name in members:
-        _check_member_name(name, seen=set())
-    if MANIFEST_NAME in members:
-        raise PackageError(f"member name {MANIFEST_NAME!r} is reserved for the manifest")
+        _check_member_name(name, seen)
+    for reserved in (MANIFEST_NAME, SIGNATURE_NAME):
+        if reserved in members:
+            raise PackageError(f"member name {reserved!r} is reserved")
     manifest = dict(manifest)
     manifest["schema_version"] = SCHEMA_VERSION
+    name, version = manifest.get("name"), manifest.get("version")
+    stored = dict(members)
+
+    manifest["encryption"] = None
+    if recipients or passphrase is not None:
+        missing = [m for m in encrypt_members if m not in members]
+        if missing:
+            raise PackageError(f"cannot encrypt members that do not exist: {missing}")
+        content_key = encryption.generate_content_key()
+        headers, plaintext_digests = {}, {}
+        for member in encrypt_members:
+            sealed = encryption.encrypt_member(members[member], content_key, name, version,
+                                               member, segment_size=segment_size)
+            headers[member] = sealed.to_dict()
+            plaintext_digests[member] = sha256_hex(members[member])
+            stored[member] = sealed.ciphertext
+        wraps = [encryption.wrap_content_key(content_key, key, name, version).to_dict()
+                 for key in recipients]
+        if passphrase is not None:
+            wraps.append(encryption.wrap_content_key_with_passphrase(
+                content_key, passphrase, name, version).to_dict())
+        manifest["encryption"] = {
+            "members": headers,
+            "plaintext_sha256": plaintext_digests,
+            "recipients": wraps,
+        }
+
     manifest["members"] = {
-        name: {"sha256": sha256_hex(data), "size": len(data)}
-        for name, data in sorted(members.items())
+        member: {"sha256": sha256_hex(data), "size": len(data)}
+        for member, data in sorted(stored.items())
     }
     _parse_manifest(manifest, source=str(path))  # a writer never produces what a reader rejects
+    manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    archive_members = {MANIFEST_NAME: manifest_bytes, **stored}
+    if signer_key is not None:
+        archive_members[SIGNATURE_NAME] = signing.sign_members(
+            archive_members, signer_key, model_name=f"{name}@{version}"
+        )
+    return _write_archive(Path(path), archive_members)
 
-    path = Path(path)
+
+def _write_archive(path: Path, archive_members: dict[str, bytes]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
-                manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
-                archive.writestr(MANIFEST_NAME, manifest_text.encode("utf-8"))
-                for name, data in sorted(members.items()):
-                    archive.writestr(name, data)
+                # The manifest first, so that a streaming reader meets it before the model.
+                for name in sorted(archive_members, key=lambda n: (n != MANIFEST_NAME, n)):
+                    archive.writestr(name, archive_members[name])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -124,84 +227,266 @@ def write_package(path: str | Path, manifest: dict[str, Any], members: dict[str,
     return path
 
 
-def read_package(source: str | Path | bytes) -> ModelPackage:
-    """Read a package from a path or from its bytes, check it, and return it in memory."""
+def read_archive(source: str | Path | bytes) -> tuple[str, dict[str, bytes]]:
+    """Read every member of a package archive into memory after the size and name checks.
+
+    Returns a label for messages (the path, or ``<bytes>``) and the raw member bytes. Nothing
+    is parsed, verified or decrypted here.
+    """
     if isinstance(source, (bytes, bytearray)):
         data, label = bytes(source), "<bytes>"
     else:
         label = str(source)
         try:
+            size = Path(source).stat().st_size
+            if size > MAX_PACKAGE_BYTES:
+                raise PackageError(f"{label} is {size} bytes; the limit is {MAX_PACKAGE_BYTES}")
             data = Path(source).read_bytes()
         except FileNotFoundError:
             raise PackageError(
                 f"package file not found: {label}; pass the path of a {PACKAGE_SUFFIX} file "
                 "(the default student is models/clinc150-student.edgepkg)"
             ) from None
+        except IsADirectoryError:
+            raise PackageError(f"{label} is a folder; pass a {PACKAGE_SUFFIX} file") from None
         except OSError as exc:
             raise PackageError(f"cannot read package {label}: {exc}") from exc
+    if len(data) > MAX_PACKAGE_BYTES:
+        raise PackageError(f"{label} is {len(data)} bytes; the limit is {MAX_PACKAGE_BYTES}")
 
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
         raise PackageError(f"{label} is not a model package (not a ZIP archive: {exc})") from None
 
+    raw_members: dict[str, bytes] = {}
     with archive:
         infos = archive.infolist()
         if len(infos) > MAX_MEMBERS:
             raise PackageError(f"{label} has {len(infos)} members; the limit is {MAX_MEMBERS}")
         seen: set[str] = set()
+        total = 0
         for info in infos:
             _check_member_name(info.filename, seen, label)
-            if info.file_size > MAX_MEMBER_BYTES:
+            limit = MAX_MANIFEST_BYTES if info.filename == MANIFEST_NAME else MAX_MEMBER_BYTES
+            if info.file_size > limit:
                 raise PackageError(
                     f"{label}: member {info.filename!r} is {info.file_size} bytes; "
-                    f"the limit is {MAX_MEMBER_BYTES}"
+                    f"the limit is {limit}"
+                )
+            total += info.file_size
+            if total > MAX_TOTAL_BYTES:
+                raise PackageError(
+                    f"{label}: members add up to more than {MAX_TOTAL_BYTES} bytes"
+                )
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise PackageError(
+                    f"{label}: member {info.filename!r} is compressed (method "
+                    f"{info.compress_type}); package members must be stored"
                 )
         if MANIFEST_NAME not in seen:
             raise PackageError(f"{label} has no {MANIFEST_NAME}")
-
-        manifest_info = archive.getinfo(MANIFEST_NAME)
-        if manifest_info.file_size > MAX_MANIFEST_BYTES:
-            raise PackageError(
-                f"{label}: {MANIFEST_NAME} is {manifest_info.file_size} bytes; "
-                f"the limit is {MAX_MANIFEST_BYTES}"
-            )
-        try:
-            raw = json.loads(archive.read(MANIFEST_NAME).decode("utf-8"))
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            raise PackageIntegrityError(f"{label}: {MANIFEST_NAME} is unreadable: {exc}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
-        manifest = _parse_manifest(raw, label)
-
-        listed = set(raw["members"])
-        unlisted = sorted(seen - listed - {MANIFEST_NAME})
-        if unlisted:
-            raise PackageIntegrityError(f"{label}: members not listed in the manifest: {unlisted}")
-        members: dict[str, bytes] = {}
-        mismatches = []
-        for name, entry in sorted(raw["members"].items()):
-            if name not in seen:
-                mismatches.append(f"{name}: missing from the archive")
-                continue
+        for info in infos:
             try:
-                blob = archive.read(name)
-            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                mismatches.append(f"{name}: unreadable ({exc})")
-                continue
-            if len(blob) != entry["size"]:
-                mismatches.append(f"{name}: size {len(blob)} bytes, manifest says {entry['size']}")
-            elif sha256_hex(blob) != entry["sha256"]:
-                mismatches.append(
-                    f"{name}: sha256 {sha256_hex(blob)}, manifest says {entry['sha256']}"
+                blob = archive.read(info)
+            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError,
+                    NotImplementedError, RuntimeError) as exc:
+                raise PackageIntegrityError(
+                    f"{label}: member {info.filename!r} is unreadable ({exc})"
+                ) from None
+            if len(blob) != info.file_size:
+                raise PackageIntegrityError(
+                    f"{label}: member {info.filename!r} has {len(blob)} bytes; the archive "
+                    f"directory says {info.file_size}"
                 )
-            members[name] = blob
-        if mismatches:
-            raise PackageIntegrityError(
-                f"{label}: {len(mismatches)} member(s) differ from the manifest: "
-                + "; ".join(mismatches)
+            raw_members[info.filename] = blob
+    return label, raw_members
+
+
+def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -> ModelPackage:
+    """Read, verify and decrypt a package in memory.
+
+    ``trust`` sets the keys and checks; without it, the reader accepts unsigned packages and
+    does not check signatures (``TrustPolicy.unverified()``), which suits development tools
+    but not a device.
+    """
+    trust = trust if trust is not None else TrustPolicy.unverified()
+    label, raw_members = read_archive(source)
+    verdicts: list[str] = []
+
+    # The signature is checked over raw bytes before the manifest is parsed.
+    signer_key_id = None
+    signature = raw_members.pop(SIGNATURE_NAME, None)
+    if signature is not None and trust.trusted_keys:
+        verified = signing.verify_members(signature, raw_members, list(trust.trusted_keys))
+        signer_key_id = verified.signer_key_id
+        verdicts.append(f"signature: valid, signer key {signer_key_id}")
+    elif not trust.allow_unsigned:
+        if signature is None:
+            raise signing.SignatureError(
+                f"{label} is not signed; sign it with `edge-runtime package sign`, or allow "
+                "unsigned packages for development only"
             )
-    return ModelPackage(path=label, manifest=manifest, members=members)
+        raise signing.UnknownSignerError(
+            f"{label} is signed but no trusted signer keys were given; pass the builder's "
+            "public key"
+        )
+    else:
+        state = "absent" if signature is None else "present, not checked (no trusted keys)"
+        verdicts.append(f"signature: {state}")
+        if signature is not None:
+            log.warning("%s: signature not checked because no trusted keys were given", label)
+
+    try:
+        raw = json.loads(raw_members[MANIFEST_NAME].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
+    manifest = _parse_manifest(raw, label)
+    _check_digests(label, raw, raw_members)
+    verdicts.append(f"digests: {len(raw['members'])} member(s) match the manifest")
+
+    _check_expiry(label, manifest, trust)
+    verdicts.append("expiry: " + (f"valid until {manifest.expires_at}" if manifest.expires_at
+                                  else "none set"))
+    if trust.rollback is not None and signer_key_id is not None:
+        trust.rollback.check(signer_key_id, manifest.name, manifest.version,
+                             trust.allow_downgrade)
+        verdicts.append(f"rollback: version {manifest.version} is not older than accepted ones")
+
+    members = {name: blob for name, blob in raw_members.items() if name != MANIFEST_NAME}
+    if raw.get("encryption"):
+        members = _decrypt(label, manifest, raw["encryption"], members, trust)
+        verdicts.append(f"decryption: {len(raw['encryption']['members'])} member(s) decrypted "
+                        "in memory")
+
+    if trust.rollback is not None and signer_key_id is not None:
+        trust.rollback.record(signer_key_id, manifest.name, manifest.version)
+    return ModelPackage(path=label, manifest=manifest, members=members,
+                        signer_key_id=signer_key_id, verdicts=tuple(verdicts))
+
+
+def sign_archive(source: str | Path | bytes, target: str | Path, signer_key: Any) -> Path:
+    """Sign (or re-sign) a package as it is, encrypted members included, and write it to
+    ``target``. The manifest is parsed only to check it; nothing is decrypted."""
+    label, raw_members = read_archive(source)
+    raw_members.pop(SIGNATURE_NAME, None)
+    try:
+        raw = json.loads(raw_members[MANIFEST_NAME].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
+    manifest = _parse_manifest(raw, label)
+    _check_digests(label, raw, raw_members)
+    raw_members[SIGNATURE_NAME] = signing.sign_members(
+        raw_members, signer_key, model_name=f"{manifest.name}@{manifest.version}"
+    )
+    return _write_archive(Path(target), raw_members)
+
+
+def rebuild_package(package: ModelPackage, target: str | Path, **options: Any) -> Path:
+    """Write a read package again with new ``write_package`` options (signer, recipients,
+    passphrase, encrypted members), keeping its manifest and plaintext members."""
+    manifest = {key: value for key, value in package.manifest.raw.items()
+                if key not in ("schema_version", "members", "encryption")}
+    return write_package(target, manifest, package.members, **options)
+
+
+def inspect_package(source: str | Path | bytes) -> dict[str, Any]:
+    """Return the manifest without verifying the signature or decrypting anything."""
+    label, raw_members = read_archive(source)
+    try:
+        raw = json.loads(raw_members[MANIFEST_NAME].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PackageError(f"{label}: manifest is {type(raw).__name__}; expected a JSON object")
+    return {"manifest": raw, "signed": SIGNATURE_NAME in raw_members,
+            "archive_members": sorted(raw_members)}
+
+
+def _check_digests(label: str, raw: dict[str, Any], raw_members: dict[str, bytes]) -> None:
+    listed = set(raw["members"])
+    present = set(raw_members) - {MANIFEST_NAME}
+    unlisted = sorted(present - listed)
+    if unlisted:
+        raise PackageIntegrityError(f"{label}: members not listed in the manifest: {unlisted}")
+    mismatches = []
+    for name, entry in sorted(raw["members"].items()):
+        blob = raw_members.get(name)
+        if blob is None:
+            mismatches.append(f"{name}: missing from the archive")
+        elif len(blob) != entry["size"]:
+            mismatches.append(f"{name}: size {len(blob)} bytes, manifest says {entry['size']}")
+        elif sha256_hex(blob) != entry["sha256"]:
+            mismatches.append(f"{name}: sha256 {sha256_hex(blob)}, manifest says {entry['sha256']}")
+    if mismatches:
+        raise PackageIntegrityError(
+            f"{label}: {len(mismatches)} member(s) differ from the manifest: "
+            + "; ".join(mismatches)
+        )
+
+
+def _check_expiry(label: str, manifest: Manifest, trust: TrustPolicy) -> None:
+    if manifest.expires_at is None:
+        return
+    expires = _parse_time(manifest.expires_at, "expires_at", label)
+    now = trust.now()
+    if now > expires + dt.timedelta(seconds=trust.clock_skew):
+        raise ExpiredPackageError(
+            f"{label}: package {manifest.name!r} version {manifest.version} expired at "
+            f"{manifest.expires_at} (now {now.isoformat(timespec='seconds')}, clock skew "
+            f"tolerance {trust.clock_skew:.0f} s); install a newer package"
+        )
+
+
+def _parse_time(value: str, key: str, label: str) -> dt.datetime:
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise PackageError(f"{label}: manifest {key!r} is {value!r}; expected an ISO 8601 "
+                           "time with a UTC offset") from None
+    if parsed.tzinfo is None:
+        raise PackageError(f"{label}: manifest {key!r} is {value!r}; it needs a UTC offset")
+    return parsed
+
+
+def _decrypt(label: str, manifest: Manifest, section: Any, members: dict[str, bytes],
+             trust: TrustPolicy) -> dict[str, bytes]:
+    if not isinstance(section, dict) or not all(
+        isinstance(section.get(key), kind) for key, kind in
+        (("members", dict), ("plaintext_sha256", dict), ("recipients", list))
+    ):
+        raise encryption.DecryptionError(
+            f"{label}: manifest 'encryption' needs 'members' (object), 'plaintext_sha256' "
+            "(object) and 'recipients' (list)"
+        )
+    wraps = [encryption.wrap_from_dict(item) for item in section["recipients"]]
+    if trust.device_key is not None:
+        content_key = encryption.unwrap_content_key(wraps, trust.device_key, manifest.name,
+                                                    manifest.version)
+    elif trust.passphrase is not None:
+        content_key = encryption.unwrap_content_key_with_passphrase(
+            wraps, trust.passphrase, manifest.name, manifest.version)
+    else:
+        raise encryption.DecryptionError(
+            f"{label} is encrypted; pass this device's private key (or, for development, the "
+            "package passphrase)"
+        )
+
+    decrypted = dict(members)
+    for name, header in sorted(section["members"].items()):
+        if name not in members:
+            raise encryption.DecryptionError(f"{label}: encrypted member {name!r} is missing")
+        sealed = encryption.EncryptedMember.from_dict(header, members[name])
+        plaintext = encryption.decrypt_member(sealed, content_key, manifest.name,
+                                              manifest.version, name)
+        expected = section["plaintext_sha256"].get(name)
+        if sha256_hex(plaintext) != expected:
+            raise PackageIntegrityError(
+                f"{label}: decrypted {name!r} has sha256 {sha256_hex(plaintext)}, the manifest "
+                f"says {expected}"
+            )
+        decrypted[name] = plaintext
+    return decrypted
 
 
 def _check_member_name(name: str, seen: set[str], label: str = "package") -> None:
@@ -283,12 +568,21 @@ def _parse_manifest(raw: Any, source: str) -> Manifest:
             fitted_on=dict(gate_raw.get("fitted_on") or {}),
         )
 
+    expires_at = raw.get("expires_at")
+    if expires_at is not None:
+        if not isinstance(expires_at, str):
+            raise PackageError(f"{source}: manifest 'expires_at' must be a string or null")
+        _parse_time(expires_at, "expires_at", source)
+    version = _require(raw, "version", int, source)
+    if version < 0:
+        raise PackageError(f"{source}: manifest 'version' is {version}; expected 0 or more")
+
     max_length = _require(model, "max_length", int, source + " [model]")
     if max_length < 2:
         raise PackageError(f"{source}: model max_length {max_length} must be at least 2")
     return Manifest(
         name=_require(raw, "name", str, source),
-        version=_require(raw, "version", int, source),
+        version=version,
         task=_require(raw, "task", str, source),
         labels=tuple(labels),
         model_member=model_member,
@@ -299,4 +593,5 @@ def _parse_manifest(raw: Any, source: str) -> Manifest:
         tokenizer_member=tokenizer_member,
         gate=gate,
         raw=raw,
+        expires_at=expires_at,
     )

@@ -23,7 +23,7 @@ import numpy as np
 from edge_runtime.errors import ConfigError, PackageError, TeacherError, TeacherRejected
 from edge_runtime.gate import ConfidenceGate, softmax
 from edge_runtime.model import DEFAULT_THREADS, OnnxClassifier
-from edge_runtime.package import ModelPackage, read_package
+from edge_runtime.package import ModelPackage, TrustPolicy, read_package
 from edge_runtime.teacher_client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
@@ -112,15 +112,22 @@ class EdgeRuntime:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         threads: int = DEFAULT_THREADS,
         debug: bool = False,
+        trust: TrustPolicy | None = None,
     ) -> EdgeRuntime:
-        """Read and check the package at ``package_path``; escalate to ``teacher_url`` if given."""
+        """Verify and decrypt the package at ``package_path`` in memory, then create the
+        session; escalate to ``teacher_url`` if given.
+
+        ``trust`` holds the trusted signer keys, the device key and the rollback state. The
+        default, ``TrustPolicy()``, trusts no signer, so a device must say whom it trusts.
+        """
+        package = read_package(package_path, trust if trust is not None else TrustPolicy())
         teacher = None
         if teacher_url:
             teacher = TeacherClient(
                 teacher_url, api_key=api_key,
                 connect_timeout=connect_timeout, read_timeout=read_timeout,
             )
-        return cls(read_package(package_path), teacher=teacher, threads=threads, debug=debug)
+        return cls(package, teacher=teacher, threads=threads, debug=debug)
 
     def answer(self, text: str) -> Answer:
         """Answer one query through the cascade.

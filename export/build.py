@@ -21,17 +21,19 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from edge_runtime import encryption, signing
 from edge_runtime.data import Example, load_split
 from edge_runtime.errors import ConfigError, ModelError
 from edge_runtime.metrics import accuracy_figures
 from edge_runtime.package import write_package
 from export.calibrate import calibrate
-from export.config import BuildConfig
+from export.config import BuildConfig, PackageConfig
 from export.modeling import (
     PRETRAINED_NAME,
     count_parameters,
@@ -97,13 +99,32 @@ def _first_per_label(examples: list[Example], limit: int) -> list[Example]:
     return kept
 
 
+def load_package_keys(package: PackageConfig) -> tuple[Any, list[Any]]:
+    """Load the signer's private key and the recipients' public keys named in ``[package]``."""
+    signer_key = None
+    if package.signer_key:
+        try:
+            pem = Path(package.signer_key).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"package.signer_key: cannot read {package.signer_key}: {exc}; "
+                              "generate one with `edge-runtime keys generate`") from None
+        signer_key = signing.load_private_key_pem(pem)
+    recipients = [encryption.load_public_key(path) for path in package.recipients]
+    return signer_key, recipients
+
+
 def _manifest(config: BuildConfig, role: str, labels: list[str], precision: str,
               quantization: dict | None, provenance: dict, gate: dict | None,
               golden: list[dict]) -> dict:
+    created = dt.datetime.now(dt.timezone.utc)
+    expires = None
+    if config.package.expires_days:
+        expires = created + dt.timedelta(days=config.package.expires_days)
     return {
         "name": f"{config.output.name}-{role}",
         "version": config.output.version,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": created.isoformat(timespec="seconds"),
+        "expires_at": expires.isoformat(timespec="seconds") if expires else None,
         "task": "text-classification",
         "labels": labels,
         "model": {
@@ -235,6 +256,8 @@ def build(config: BuildConfig) -> dict:
                     "onnxruntime": ort.__version__, "machine": platform.machine()},
     }
     golden = _golden(student_int8_val, val_texts, labels)
+    signer_key, recipients = load_package_keys(config.package)
+    encrypted = ["model.onnx"] + (["tokenizer.json"] if config.package.encrypt_tokenizer else [])
     gate = {"temperature": calibration.temperature, "threshold": calibration.threshold,
             "score": "max softmax(logits / temperature); local when score >= threshold",
             "fitted_on": calibration.figures}
@@ -242,16 +265,20 @@ def build(config: BuildConfig) -> dict:
         out / f"{config.output.name}-student.edgepkg",
         _manifest(config, "student", labels, "int8", recipe, provenance, gate, golden),
         {"model.onnx": (out / "student-int8.onnx").read_bytes(), "tokenizer.json": tokenizer_bytes},
+        signer_key=signer_key, recipients=recipients, encrypt_members=encrypted,
     )
     teacher_package = write_package(
         out / f"{config.output.name}-teacher.edgepkg",
         _manifest(config, "teacher", labels, "int8", recipe, provenance, None,
                   _golden(teacher_int8_val, val_texts, labels)),
         {"model.onnx": (out / "teacher-int8.onnx").read_bytes(), "tokenizer.json": tokenizer_bytes},
+        signer_key=signer_key,
     )
     report["packages"] = {
-        "student": {"path": str(student_package), "size_bytes": _size(student_package)},
-        "teacher": {"path": str(teacher_package), "size_bytes": _size(teacher_package)},
+        "student": {"path": str(student_package), "size_bytes": _size(student_package),
+                    "signed": signer_key is not None, "encrypted_for": len(recipients)},
+        "teacher": {"path": str(teacher_package), "size_bytes": _size(teacher_package),
+                    "signed": signer_key is not None, "encrypted_for": 0},
     }
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_reports(report, out)

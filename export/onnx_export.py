@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,13 @@ def export_onnx(model: SentenceClassifier, path: Path, sample_texts: list[str],
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES}
     dynamic_axes["logits"] = {0: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode():
+    # The TorchScript exporter warns that it is legacy and that Python conditions in the
+    # attention mask code are traced as constants. Both are expected here: the check below
+    # compares the graph with PyTorch on texts of many lengths.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*")
         torch.onnx.export(
             model,
             (input_ids, attention_mask),

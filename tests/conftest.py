@@ -12,6 +12,28 @@ DATA_DIR = ROOT.parent / "shared" / "data"
 CLINC150_DIR = DATA_DIR / "clinc150"
 TINY_CONFIG = ROOT / "export" / "configs" / "clinc150-tiny.toml"
 MODELS_DIR = ROOT / "models"
+KEYS_DIR = MODELS_DIR / "keys"
+SIGNER_PUBLIC = KEYS_DIR / "demo-signer.pub.pem"
+SIGNER_PRIVATE = KEYS_DIR / "demo-signer.key.pem"
+DEVICE_PUBLIC = KEYS_DIR / "demo-device.pub.pem"
+DEVICE_PRIVATE = KEYS_DIR / "demo-device.key.pem"
+
+
+def demo_trust(**kwargs):
+    """A trust policy with the committed demo keys and no rollback state."""
+    from edge_runtime import encryption, signing
+    from edge_runtime.package import TrustPolicy
+
+    return TrustPolicy(
+        trusted_keys=(signing.load_public_key_pem(SIGNER_PUBLIC.read_bytes()),),
+        device_key=encryption.load_private_key(DEVICE_PRIVATE),
+        **kwargs,
+    )
+
+
+# Command-line options that make the CLI use the demo keys and leave the user's state alone.
+CLI_TRUST = ["--signer-key", str(SIGNER_PUBLIC), "--device-key", str(DEVICE_PRIVATE),
+             "--state-file", ""]
 
 
 @dataclass(frozen=True)
@@ -39,6 +61,7 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> TinyBuild:
     out = tmp_path_factory.mktemp("tiny-build")
     config = load_config(TINY_CONFIG, {
         "data.path": str(CLINC150_DIR), "output.dir": str(out), "output.models_dir": "",
+        "package.signer_key": str(SIGNER_PRIVATE), "package.recipients": [str(DEVICE_PUBLIC)],
     })
     report = build(config)
     return TinyBuild(
@@ -54,5 +77,5 @@ def tiny_gateway(tiny_build: TinyBuild):
     """A gateway child process serving the tiny teacher on a free loopback port."""
     from edge_runtime.gateway.server import running_gateway
 
-    with running_gateway(tiny_build.teacher_package) as gateway:
+    with running_gateway(tiny_build.teacher_package, signer_keys=(str(SIGNER_PUBLIC),)) as gateway:
         yield gateway

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from tests.conftest import CLINC150_DIR, ROOT
+from tests.conftest import CLI_TRUST, CLINC150_DIR, ROOT
 
 pytestmark = pytest.mark.slow
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "edge_runtime", *args],
+        [sys.executable, "-m", "edge_runtime", *args, *CLI_TRUST],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
     )
 

@@ -54,7 +54,7 @@ def test_clinc150_config_defaults():
     config = load_config(CONFIG_DIR / "clinc150.toml")
 
     assert config.quantization.weight_type == "qint8"
-    assert config.quantization.per_channel is False
+    assert config.quantization.per_channel is True
     assert config.checks.min_int8_agreement == 0.98
     assert config.teacher.max_length == 64
 
@@ -318,9 +318,9 @@ def test_override_replaces_file_value(tmp_path: Path):
 def test_override_adds_missing_section(tmp_path: Path):
     path = write_toml(tmp_path, MINIMAL_TOML)
 
-    config = load_config(path, {"quantization.per_channel": True, "output.dir": "build/x"})
+    config = load_config(path, {"quantization.per_channel": False, "output.dir": "build/x"})
 
-    assert config.quantization.per_channel is True
+    assert config.quantization.per_channel is False
     assert config.output.dir == "build/x"
 
 

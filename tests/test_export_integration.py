@@ -8,7 +8,7 @@ import pytest
 from edge_runtime import EdgeRuntime
 from edge_runtime.errors import ConfigError
 from edge_runtime.package import read_package
-from tests.conftest import TINY_CONFIG
+from tests.conftest import TINY_CONFIG, demo_trust
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_student_smaller_than_teacher(tiny_build):
 
 
 def test_gate_in_manifest(tiny_build):
-    manifest = read_package(tiny_build.student_package).manifest
+    manifest = read_package(tiny_build.student_package, demo_trust()).manifest
     assert manifest.gate is not None
     assert manifest.gate.temperature > 0
     assert 0.0 <= manifest.gate.threshold <= 1.0
@@ -53,7 +53,7 @@ def test_gate_in_manifest(tiny_build):
 
 
 def test_teacher_package_has_no_gate(tiny_build):
-    assert read_package(tiny_build.teacher_package).manifest.gate is None
+    assert read_package(tiny_build.teacher_package, demo_trust()).manifest.gate is None
 
 
 def test_reports_written(tiny_build):
@@ -63,7 +63,7 @@ def test_reports_written(tiny_build):
 
 
 def test_student_package_answers(tiny_build):
-    with EdgeRuntime.load(tiny_build.student_package) as runtime:
+    with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust()) as runtime:
         assert runtime.student_trusted
         assert runtime.answer("please set an alarm for 7 am tomorrow").label == "alarm"
 

@@ -26,7 +26,7 @@ def test_healthz_ok(client):
 
 
 def test_predict_returns_label_only(client, tiny_build):
-    labels = read_package(tiny_build.teacher_package).manifest.labels
+    labels = read_package(tiny_build.teacher_package).manifest.labels  # unverified read
     response = client.post("/v1/predict", json={"text": "what's the weather in paris today"})
     assert response.status_code == 200
     body = response.json()

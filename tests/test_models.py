@@ -8,7 +8,7 @@ from edge_runtime import SOURCE_LOCAL, EdgeRuntime
 from edge_runtime.data import OOS_LABEL
 from edge_runtime.model import OnnxClassifier
 from edge_runtime.package import read_package
-from tests.conftest import MODELS_DIR
+from tests.conftest import MODELS_DIR, demo_trust
 
 STUDENT = MODELS_DIR / "clinc150-student.edgepkg"
 TEACHER = MODELS_DIR / "clinc150-teacher.edgepkg"
@@ -24,27 +24,27 @@ CLEAR_QUERIES = {
 
 @pytest.mark.parametrize("path", [STUDENT, TEACHER], ids=["student", "teacher"])
 def test_package_reads(path):
-    manifest = read_package(path).manifest
+    manifest = read_package(path, demo_trust()).manifest
     assert len(manifest.labels) == 151
     assert OOS_LABEL in manifest.labels
     assert manifest.precision == "int8"
 
 
 def test_student_gate_fitted_on_validation():
-    gate = read_package(STUDENT).manifest.gate
+    gate = read_package(STUDENT, demo_trust()).manifest.gate
     assert gate is not None
     assert gate.fitted_on["split"] == "validation"
     assert gate.fitted_on["local_disagreement"] <= gate.fitted_on["max_disagreement"]
 
 
 def test_student_passes_golden_inputs():
-    with EdgeRuntime.load(STUDENT) as runtime:
+    with EdgeRuntime.load(STUDENT, trust=demo_trust()) as runtime:
         assert runtime.golden_failures == []
 
 
 @pytest.mark.parametrize(("text", "label"), sorted(CLEAR_QUERIES.items()))
 def test_student_answers_clear_query(text, label):
-    with EdgeRuntime.load(STUDENT) as runtime:
+    with EdgeRuntime.load(STUDENT, trust=demo_trust()) as runtime:
         answer = runtime.answer(text)
     assert answer.label == label
     assert answer.source == SOURCE_LOCAL
@@ -52,7 +52,7 @@ def test_student_answers_clear_query(text, label):
 
 @pytest.mark.parametrize(("text", "label"), sorted(CLEAR_QUERIES.items()))
 def test_teacher_answers_clear_query(text, label):
-    teacher = OnnxClassifier.from_file(str(TEACHER))
+    teacher = OnnxClassifier.from_file(str(TEACHER), trust=demo_trust())
     logits = teacher.predict(text).logits
     assert teacher.labels[int(logits.argmax())] == label
 

@@ -54,7 +54,7 @@ def default_members() -> dict[str, bytes]:
 def complete_manifest(members: dict[str, bytes], **changes) -> dict:
     """Return a manifest with schema_version and digests of ``members``, as a reader expects."""
     manifest = minimal_manifest()
-    manifest["schema_version"] = 1
+    manifest["schema_version"] = 2
     manifest["members"] = {
         name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         for name, data in members.items()
@@ -130,7 +130,7 @@ def test_round_trip_member_bytes(package_path: Path):
 def test_round_trip_member_digests(package_path: Path):
     raw = read_package(package_path).manifest.raw
 
-    assert raw["schema_version"] == 1
+    assert raw["schema_version"] == 2
     assert raw["members"]["model.onnx"]["sha256"] == hashlib.sha256(MODEL_BYTES).hexdigest()
     assert raw["members"]["model.onnx"]["size"] == len(MODEL_BYTES)
     assert raw["members"]["tokenizer.json"]["size"] == len(TOKENIZER_BYTES)
@@ -360,7 +360,7 @@ def test_missing_file_rejected(tmp_path: Path):
 
 
 def test_folder_path_rejected(tmp_path: Path):
-    with pytest.raises(PackageError, match="cannot read package"):
+    with pytest.raises(PackageError, match="is a folder"):
         read_package(tmp_path)
 
 
@@ -390,11 +390,11 @@ def test_manifest_json_array_rejected():
 
 def test_unsupported_schema_version_rejected():
     members = default_members()
-    data = build_package(complete_manifest(members, schema_version=2), members)
+    data = build_package(complete_manifest(members, schema_version=3), members)
 
     with pytest.raises(PackageError) as excinfo:
         read_package(data)
-    assert "schema_version 2" in str(excinfo.value)
+    assert "schema_version 3" in str(excinfo.value)
     assert "upgrade edge-runtime" in str(excinfo.value)
 
 
@@ -556,5 +556,5 @@ def test_manifest_over_size_limit(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(package, "MAX_MANIFEST_BYTES", 64)
     members = default_members()
 
-    with pytest.raises(PackageError, match="manifest.json is .* bytes; the limit is 64"):
+    with pytest.raises(PackageError, match="'manifest.json' is .* bytes; the limit is 64"):
         read_package(build_package(complete_manifest(members), members))

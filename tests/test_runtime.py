@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import zipfile
 
 import pytest
@@ -18,20 +17,20 @@ from edge_runtime import (
 from edge_runtime.data import load_split
 from edge_runtime.gateway.server import start_gateway
 from edge_runtime.package import read_package, write_package
-from tests.conftest import CLINC150_DIR
+from tests.conftest import CLINC150_DIR, SIGNER_PUBLIC, demo_trust
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def queries(tiny_build):
-    labels = set(read_package(tiny_build.student_package).manifest.labels)
+    labels = set(read_package(tiny_build.student_package, demo_trust()).manifest.labels)
     return [e.text for e in load_split(CLINC150_DIR, "val") if e.label in labels][:120]
 
 
 def test_sources_follow_gate(tiny_build, tiny_gateway, queries):
     with EdgeRuntime.load(tiny_build.student_package, teacher_url=tiny_gateway.url,
-                          debug=True) as runtime:
+                          debug=True, trust=demo_trust()) as runtime:
         answers = [runtime.answer(text) for text in queries]
     threshold = runtime.gate.threshold
     for answer in answers:
@@ -42,7 +41,7 @@ def test_sources_follow_gate(tiny_build, tiny_gateway, queries):
 
 
 def test_answer_hides_scores_by_default(tiny_build):
-    with EdgeRuntime.load(tiny_build.student_package) as runtime:
+    with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust()) as runtime:
         answer = runtime.answer("set an alarm for seven")
     assert answer.debug is None
     assert "teacher" not in answer.timings_ms
@@ -50,16 +49,16 @@ def test_answer_hides_scores_by_default(tiny_build):
 
 
 def test_no_teacher_answers_offline(tiny_build, queries):
-    with EdgeRuntime.load(tiny_build.student_package) as runtime:
+    with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust()) as runtime:
         answers = [runtime.answer(text) for text in queries]
     assert {a.source for a in answers} == {SOURCE_LOCAL, SOURCE_LOCAL_OFFLINE}
 
 
 def test_teacher_killed_mid_run(tiny_build, queries):
-    gateway = start_gateway(tiny_build.teacher_package)
+    gateway = start_gateway(tiny_build.teacher_package, signer_keys=(str(SIGNER_PUBLIC),))
     try:
         runtime = EdgeRuntime.load(tiny_build.student_package, teacher_url=gateway.url,
-                                   read_timeout=2.0, debug=True)
+                                   read_timeout=2.0, debug=True, trust=demo_trust())
         before = [runtime.answer(text) for text in queries[:60]]
         gateway.kill()
         after = [runtime.answer(text) for text in queries[60:]]
@@ -75,14 +74,16 @@ def test_teacher_killed_mid_run(tiny_build, queries):
 
 
 def test_teacher_restarted_is_used_again(tiny_build):
-    gateway = start_gateway(tiny_build.teacher_package)
+    gateway = start_gateway(tiny_build.teacher_package, signer_keys=(str(SIGNER_PUBLIC),))
     url = gateway.url
     gateway.kill()
-    with EdgeRuntime.load(tiny_build.student_package, teacher_url=url) as runtime:
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=url,
+                          trust=demo_trust()) as runtime:
         runtime.gate.threshold = 1.0  # escalate every query
         assert runtime.answer("what time is it").source == SOURCE_LOCAL_OFFLINE
         port = int(url.rsplit(":", 1)[1])
-        restarted = start_gateway(tiny_build.teacher_package, port=port)
+        restarted = start_gateway(tiny_build.teacher_package, port=port,
+                                  signer_keys=(str(SIGNER_PUBLIC),))
         try:
             assert runtime.answer("what time is it").source == SOURCE_TEACHER
         finally:
@@ -91,21 +92,23 @@ def test_teacher_restarted_is_used_again(tiny_build):
 
 @pytest.mark.parametrize("text", ["", "   ", "x" * 10_001])
 def test_invalid_text_raises(tiny_build, text):
-    with EdgeRuntime.load(tiny_build.student_package) as runtime:
+    with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust()) as runtime:
         with pytest.raises(ConfigError):
             runtime.answer(text)
 
 
 def test_golden_mismatch_escalates_all(tiny_build, tiny_gateway, tmp_path):
-    package = read_package(tiny_build.student_package)
+    package = read_package(tiny_build.student_package, demo_trust())
     manifest = dict(package.manifest.raw)
     labels = package.manifest.labels
     manifest["golden"] = [
         {"text": item["text"], "label": next(other for other in labels if other != item["label"])}
         for item in manifest["golden"]
     ]
+    manifest.pop("encryption")
     altered = write_package(tmp_path / "altered.edgepkg", manifest, package.members)
-    with EdgeRuntime.load(altered, teacher_url=tiny_gateway.url) as runtime:
+    trust = demo_trust(allow_unsigned=True)
+    with EdgeRuntime.load(altered, teacher_url=tiny_gateway.url, trust=trust) as runtime:
         assert not runtime.student_trusted
         sources = {runtime.answer(text).source for text in ["set an alarm", "weather today"]}
     assert sources == {SOURCE_TEACHER}
@@ -113,17 +116,31 @@ def test_golden_mismatch_escalates_all(tiny_build, tiny_gateway, tmp_path):
 
 def test_teacher_package_rejected(tiny_build):
     with pytest.raises(PackageError, match="no confidence gate"):
-        EdgeRuntime.load(tiny_build.teacher_package)
+        EdgeRuntime.load(tiny_build.teacher_package, trust=demo_trust())
 
 
 def test_tampered_package_rejected(tiny_build, tmp_path):
-    original = read_package(tiny_build.student_package)
+    with zipfile.ZipFile(tiny_build.student_package) as source:
+        members = {name: source.read(name) for name in source.namelist()}
+    model = bytearray(members["model.onnx"])
+    model[len(model) // 2] ^= 0xFF
+    members["model.onnx"] = bytes(model)
     target = tmp_path / "tampered.edgepkg"
     with zipfile.ZipFile(target, "w") as archive:
-        archive.writestr("manifest.json", json.dumps(original.manifest.raw))
-        model = bytearray(original.model_bytes)
-        model[len(model) // 2] ^= 0xFF
-        archive.writestr("model.onnx", bytes(model))
-        archive.writestr("tokenizer.json", original.members["tokenizer.json"])
+        for name, data in members.items():
+            archive.writestr(name, data)
     with pytest.raises(PackageError, match="model.onnx"):
-        EdgeRuntime.load(target)
+        EdgeRuntime.load(target, trust=demo_trust())
+
+
+def test_unsigned_package_rejected_by_default(tiny_build, tmp_path):
+    package = read_package(tiny_build.student_package, demo_trust())
+    manifest = {k: v for k, v in package.manifest.raw.items() if k != "encryption"}
+    unsigned = write_package(tmp_path / "unsigned.edgepkg", manifest, package.members)
+    with pytest.raises(PackageError, match="not signed"):
+        EdgeRuntime.load(unsigned, trust=demo_trust())
+
+
+def test_default_trust_rejects_package(tiny_build):
+    with pytest.raises(PackageError, match="no trusted signer keys"):
+        EdgeRuntime.load(tiny_build.student_package)

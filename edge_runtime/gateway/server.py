@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from edge_runtime.errors import ConfigError, TeacherUnavailable
+from edge_runtime.package import TrustPolicy
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ DEFAULT_STARTUP_TIMEOUT = 60.0  # seconds
 DEFAULT_TEACHER_PACKAGE = "models/clinc150-teacher.edgepkg"
 
 
-def serve(package_path: str, host: str = "127.0.0.1", port: int = 8080, threads: int = 1) -> None:
-    """Load the teacher package and serve it until interrupted."""
+def serve(package_path: str, host: str = "127.0.0.1", port: int = 8080, threads: int = 1,
+          trust: TrustPolicy | None = None) -> None:
+    """Verify and load the teacher package, then serve it until interrupted."""
     try:
         import uvicorn
     except ImportError:
@@ -42,7 +44,8 @@ def serve(package_path: str, host: str = "127.0.0.1", port: int = 8080, threads:
     from edge_runtime.gateway.app import create_app
     from edge_runtime.model import OnnxClassifier
 
-    teacher = OnnxClassifier.from_file(package_path, threads=threads)
+    teacher = OnnxClassifier.from_file(package_path, threads=threads,
+                                       trust=trust if trust is not None else TrustPolicy())
     app = create_app(teacher)
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -88,14 +91,21 @@ def start_gateway(
     host: str = "127.0.0.1",
     port: int = 0,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    signer_keys: tuple[str, ...] = (),
 ) -> GatewayProcess:
-    """Start ``edge-runtime gateway`` as a child process and wait until /healthz answers."""
+    """Start ``edge-runtime gateway`` as a child process and wait until /healthz answers.
+
+    ``signer_keys`` are public key files the child verifies the teacher package with; without
+    them it uses its defaults (EDGE_RUNTIME_SIGNER_KEY, then the demo key).
+    """
     if not Path(package_path).is_file():
         raise ConfigError(f"teacher package not found: {package_path}")
     command = [
         sys.executable, "-m", "edge_runtime", "gateway",
         "--package", str(package_path), "--host", host, "--port", str(port),
     ]
+    for key in signer_keys:
+        command += ["--signer-key", str(key)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

@@ -1,0 +1,106 @@
+"""Rollback protection: the highest package version accepted per signer and package name.
+
+The state is a small JSON file, ``{"schema_version": 1, "accepted": {"<signer key id>/<package
+name>": <version>}}``, rewritten atomically (temporary file, fsync, rename) so that a killed
+process leaves either the old or the new state, never a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from edge_runtime.errors import PackageError, RollbackError
+
+log = logging.getLogger(__name__)
+
+STATE_SCHEMA_VERSION = 1
+MAX_STATE_BYTES = 1024 * 1024
+
+
+class RollbackState:
+    """Versions accepted on this device, stored in ``path``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RollbackState(path={str(self.path)!r})"
+
+    def _load(self) -> dict[str, int]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise PackageError(f"cannot read rollback state {self.path}: {exc}") from exc
+        if len(data) > MAX_STATE_BYTES:
+            raise PackageError(f"rollback state {self.path} is larger than {MAX_STATE_BYTES} bytes")
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PackageError(
+                f"rollback state {self.path} is not valid JSON ({exc}); restore it from a "
+                "backup, or delete it to accept any version again"
+            ) from None
+        accepted = raw.get("accepted") if isinstance(raw, dict) else None
+        if not isinstance(accepted, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in accepted.items()
+        ):
+            raise PackageError(f"rollback state {self.path} has no valid 'accepted' table")
+        return accepted
+
+    def highest(self, signer_key_id: str, package_name: str) -> int | None:
+        """The newest version accepted from this signer for this package name, if any."""
+        return self._load().get(f"{signer_key_id}/{package_name}")
+
+    def check(self, signer_key_id: str, package_name: str, version: int,
+              allow_downgrade: bool = False) -> None:
+        """Raise RollbackError if ``version`` is older than the newest one accepted."""
+        highest = self.highest(signer_key_id, package_name)
+        if highest is None or version >= highest:
+            return
+        if allow_downgrade:
+            log.warning("accepting %s version %d, older than accepted version %d, because a "
+                        "downgrade was allowed", package_name, version, highest)
+            return
+        raise RollbackError(
+            f"package {package_name!r} version {version} is older than version {highest}, "
+            f"already accepted from signer {signer_key_id[:16]}; install version {highest} or "
+            "newer, or allow the downgrade explicitly"
+        )
+
+    def record(self, signer_key_id: str, package_name: str, version: int) -> None:
+        """Remember ``version`` if it is the newest seen from this signer for this name."""
+        with self._lock:
+            accepted = self._load()
+            key = f"{signer_key_id}/{package_name}"
+            if accepted.get(key, -1) >= version:
+                return
+            accepted[key] = version
+            self._write({"schema_version": STATE_SCHEMA_VERSION, "accepted": accepted})
+
+    def _write(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
+                                        dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(state, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, self.path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
