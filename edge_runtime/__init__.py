@@ -1,12 +1,14 @@
 """edge_runtime: answer on the device with a distilled student, escalate hard queries to a
 teacher gateway.
 
-Data flow: ``package`` reads and checks a model package in memory -> ``model`` creates the
+Data flow: ``package`` verifies (``signing``), checks and decrypts (``encryption``) a model
+package in memory -> ``model`` creates the
 tokenizer and the ONNX Runtime session from its bytes -> ``gate`` scores the student's
 calibrated confidence -> ``runtime`` answers locally or calls ``teacher_client``, falling back
 to the local answer when the teacher is unreachable. ``errors`` holds the exception hierarchy.
 """
 
+from edge_runtime import encryption, signing
 from edge_runtime.errors import (
     ConfigError,
     DataFormatError,
@@ -18,7 +20,8 @@ from edge_runtime.errors import (
     TeacherRejected,
     TeacherUnavailable,
 )
-from edge_runtime.package import ModelPackage, read_package
+from edge_runtime.package import ModelPackage, TrustPolicy, read_package
+from edge_runtime.rollback import RollbackState
 from edge_runtime.runtime import (
     SOURCE_LOCAL,
     SOURCE_LOCAL_OFFLINE,
@@ -39,11 +42,15 @@ __all__ = [
     "ModelPackage",
     "PackageError",
     "PackageIntegrityError",
+    "RollbackState",
     "SOURCE_LOCAL",
     "SOURCE_LOCAL_OFFLINE",
     "SOURCE_TEACHER",
     "TeacherError",
     "TeacherRejected",
     "TeacherUnavailable",
+    "TrustPolicy",
+    "encryption",
     "read_package",
+    "signing",
 ]

@@ -55,7 +55,7 @@ def test_clinc150_config_defaults():
 
     assert config.quantization.weight_type == "qint8"
     assert config.quantization.per_channel is True
-    assert config.checks.min_int8_agreement == 0.98
+    assert config.checks.min_int8_agreement == 0.97
     assert config.teacher.max_length == 64
 
 
@@ -114,7 +114,8 @@ def test_to_dict_contains_sections():
     sections = config.to_dict()
 
     assert set(sections) == {
-        "data", "teacher", "student", "calibration", "quantization", "checks", "output", "seed"
+        "data", "teacher", "student", "calibration", "quantization", "checks", "package",
+        "output", "seed",
     }
     assert sections["student"]["layers"] == (0, 5)
 

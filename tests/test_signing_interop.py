@@ -224,3 +224,40 @@ def test_reference_ignored_file_is_extra_member(tmp_path: Path, builder: KeyPair
         verify_members(signature_file, read_folder(model), [builder.public_key])
     verified = verify_members(signature_file, FILES, [builder.public_key])
     assert ".git" in verified.serialization["ignore_paths"]
+
+
+def test_reference_verifies_unpacked_package(tmp_path: Path):
+    from edge_runtime import encryption
+    from edge_runtime.package import SIGNATURE_NAME, write_package
+    from tests.conftest import DEVICE_PUBLIC, SIGNER_PRIVATE, SIGNER_PUBLIC
+
+    manifest = {
+        "name": "interop", "version": 3, "task": "text-classification",
+        "labels": ["alarm", "timer"],
+        "model": {"member": "model.onnx", "inputs": ["input_ids", "attention_mask"],
+                  "outputs": ["logits"], "max_length": 16, "precision": "int8"},
+        "tokenizer": {"member": "tokenizer.json"},
+    }
+    package_path = write_package(
+        tmp_path / "interop.edgepkg", manifest,
+        {"model.onnx": bytes(range(256)) * 8, "tokenizer.json": b'{"model": {}}'},
+        signer_key=signing.load_private_key_pem(SIGNER_PRIVATE.read_bytes()),
+        recipients=[encryption.load_public_key(DEVICE_PUBLIC)],
+    )
+    unpacked = tmp_path / "unpacked"
+    import zipfile
+
+    with zipfile.ZipFile(package_path) as archive:
+        archive.extractall(unpacked)
+    signature = tmp_path / "package.sig"
+    (unpacked / SIGNATURE_NAME).rename(signature)
+
+    accepted = run_model_signing("verify", "key", "--signature", signature,
+                                 "--public_key", SIGNER_PUBLIC, unpacked, cwd=tmp_path)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+
+    manifest_file = unpacked / "manifest.json"
+    manifest_file.write_bytes(manifest_file.read_bytes().replace(b'"version": 3', b'"version": 9'))
+    rejected = run_model_signing("verify", "key", "--signature", signature,
+                                 "--public_key", SIGNER_PUBLIC, unpacked, cwd=tmp_path)
+    assert rejected.returncode != 0
