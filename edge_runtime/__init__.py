@@ -2,10 +2,10 @@
 teacher gateway.
 
 Data flow: ``package`` verifies (``signing``), checks and decrypts (``encryption``) a model
-package in memory -> ``model`` creates the
-tokenizer and the ONNX Runtime session from its bytes -> ``gate`` scores the student's
-calibrated confidence -> ``runtime`` answers locally or calls ``teacher_client``, falling back
-to the local answer when the teacher is unreachable. ``errors`` holds the exception hierarchy.
+package in memory -> ``model`` creates the tokenizer and the ONNX Runtime session from its
+bytes -> ``gate`` scores the student's calibrated confidence -> ``runtime`` answers locally or
+calls ``teacher_client``, falling back to the local answer when the teacher is unreachable.
+``errors`` holds the exception hierarchy.
 """
 
 from edge_runtime import encryption, signing
@@ -13,9 +13,11 @@ from edge_runtime.errors import (
     ConfigError,
     DataFormatError,
     EdgeRuntimeError,
+    ExpiredPackageError,
     ModelError,
     PackageError,
     PackageIntegrityError,
+    RollbackError,
     TeacherError,
     TeacherRejected,
     TeacherUnavailable,
@@ -38,10 +40,12 @@ __all__ = [
     "DataFormatError",
     "EdgeRuntime",
     "EdgeRuntimeError",
+    "ExpiredPackageError",
     "ModelError",
     "ModelPackage",
     "PackageError",
     "PackageIntegrityError",
+    "RollbackError",
     "RollbackState",
     "SOURCE_LOCAL",
     "SOURCE_LOCAL_OFFLINE",
