@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 "keys": package_cli.run_keys, "package": package_cli.run_package}
     try:
         return handlers[args.command](args)
-    except (EdgeRuntimeError, FileNotFoundError) as exc:
+    except (EdgeRuntimeError, OSError) as exc:
         print(f"edge-runtime {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -352,6 +352,9 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
         trust.rollback.check(signer_key_id, manifest.name, manifest.version,
                              trust.allow_downgrade)
         verdicts.append(f"rollback: version {manifest.version} is not older than accepted ones")
+    elif trust.rollback is not None:
+        # Versions are recorded per signer, so an unsigned package has nothing to compare with.
+        verdicts.append("rollback: not checked, because the package has no verified signer")
 
     members = {name: blob for name, blob in raw_members.items() if name != MANIFEST_NAME}
     if raw.get("encryption"):

@@ -4,6 +4,7 @@ runtime commands share."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -149,7 +150,11 @@ def run_package(args: argparse.Namespace) -> int:
         package = read_package(args.package, trust_from_args(args))
         for verdict in package.verdicts:
             print(f"ok  {verdict}")
-        print(f"ok  {package.manifest.name} version {package.manifest.version} is trusted")
+        name = f"{package.manifest.name} version {package.manifest.version}"
+        if package.signer_key_id is None:
+            print(f"ok  {name} is readable, but unsigned or unchecked, so not trusted")
+        else:
+            print(f"ok  {name} is trusted")
         return 0
     if command == "sign":
         signer = signing.load_private_key_pem(Path(args.signer_private_key).read_bytes())
@@ -157,7 +162,9 @@ def run_package(args: argparse.Namespace) -> int:
         print(f"signed {target} with key {signing.key_id(signer.public_key())}")
         return 0
     if command == "encrypt":
-        source = read_package(args.package, trust_from_args(args))
+        # Re-encrypting is a build step, so it records nothing in the rollback state.
+        source = read_package(args.package, dataclasses.replace(trust_from_args(args),
+                                                                rollback=None))
         recipients = [encryption.load_public_key(path) for path in args.recipient]
         passphrase = None
         if args.recipient_passphrase_env:

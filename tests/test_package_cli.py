@@ -24,6 +24,10 @@ from tests.conftest import DEVICE_PRIVATE, ROOT, SIGNER_PRIVATE
 
 MODEL_BYTES = b"placeholder ONNX bytes, never loaded by these commands " * 16
 TOKENIZER_BYTES = b'{"version": "1.0", "model": {"type": "WordPiece"}}'
+
+# 37 child processes of about 0.5 s each, most of it spent importing edge_runtime.
+pytestmark = pytest.mark.slow
+
 KEY_ENV_VARS = ("EDGE_RUNTIME_SIGNER_KEY", "EDGE_RUNTIME_DEVICE_KEY",
                 "EDGE_RUNTIME_DEVICE_KEY_PASSWORD")
 
@@ -42,7 +46,7 @@ class KeySet:
 
 
 def pem_body(path: Path) -> str:
-    """Return the base64 lines of a PEM file, without the BEGIN and END lines, joined."""
+    """Return the base64 body of a PEM file as one string, without the BEGIN and END lines."""
     lines = path.read_text().strip().splitlines()
     return "".join(line for line in lines if not line.startswith("-----"))
 
@@ -123,8 +127,8 @@ def manifest(version: int = 3) -> dict:
 
 def make_package(path: Path, *, version: int = 3, signer: Path | None = None,
                  recipients: tuple[Path, ...] = ()) -> Path:
-    """Write a package; ``signer`` is a signer private key file and ``recipients`` are device
-    public key files."""
+    """Write a package with placeholder members. ``signer`` is a signer private key file and
+    ``recipients`` are device public key files."""
     signer_key = signing.load_private_key_pem(signer.read_bytes()) if signer else None
     recipient_keys = [encryption.load_public_key(key) for key in recipients]
     return write_package(path, manifest(version),
@@ -221,7 +225,7 @@ def test_inspect_unsigned_summary(cli, tmp_path):
 def test_inspect_encrypted_without_keys(cli, keys, tmp_path):
     package = make_package(tmp_path / "sealed.edgepkg", signer=keys.private("signer-a"),
                            recipients=(keys.public("device-1"), keys.public("device-2")))
-    # inspect takes no key options at all; it reads the manifest as it is.
+    # inspect takes no key options at all, because it reads the manifest as it is.
     result = cli("package", "inspect", str(package))
     assert result.returncode == 0, result.stderr
 
