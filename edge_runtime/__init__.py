@@ -6,55 +6,77 @@ package in memory -> ``model`` creates the tokenizer and the ONNX Runtime sessio
 bytes -> ``gate`` scores the student's calibrated confidence -> ``runtime`` answers locally or
 calls ``teacher_client``, falling back to the local answer when the teacher is unreachable.
 ``errors`` holds the exception hierarchy.
+
+Names are imported on first use, so that ``import edge_runtime`` stays cheap and a device's
+cold start pays only for the modules it runs.
 """
 
-from edge_runtime import encryption, signing
-from edge_runtime.errors import (
-    ConfigError,
-    DataFormatError,
-    EdgeRuntimeError,
-    ExpiredPackageError,
-    ModelError,
-    PackageError,
-    PackageIntegrityError,
-    RollbackError,
-    TeacherError,
-    TeacherRejected,
-    TeacherUnavailable,
-)
-from edge_runtime.package import ModelPackage, TrustPolicy, read_package
-from edge_runtime.rollback import RollbackState
-from edge_runtime.runtime import (
-    SOURCE_LOCAL,
-    SOURCE_LOCAL_OFFLINE,
-    SOURCE_TEACHER,
-    Answer,
-    EdgeRuntime,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Answer",
-    "ConfigError",
-    "DataFormatError",
-    "EdgeRuntime",
-    "EdgeRuntimeError",
-    "ExpiredPackageError",
-    "ModelError",
-    "ModelPackage",
-    "PackageError",
-    "PackageIntegrityError",
-    "RollbackError",
-    "RollbackState",
-    "SOURCE_LOCAL",
-    "SOURCE_LOCAL_OFFLINE",
-    "SOURCE_TEACHER",
-    "TeacherError",
-    "TeacherRejected",
-    "TeacherUnavailable",
-    "TrustPolicy",
-    "encryption",
-    "read_package",
-    "signing",
-]
+_LAZY = {
+    "Answer": "edge_runtime.runtime",
+    "EdgeRuntime": "edge_runtime.runtime",
+    "SOURCE_LOCAL": "edge_runtime.runtime",
+    "SOURCE_LOCAL_OFFLINE": "edge_runtime.runtime",
+    "SOURCE_TEACHER": "edge_runtime.runtime",
+    "ModelPackage": "edge_runtime.package",
+    "TrustPolicy": "edge_runtime.package",
+    "read_package": "edge_runtime.package",
+    "RollbackState": "edge_runtime.rollback",
+    "ConfigError": "edge_runtime.errors",
+    "DataFormatError": "edge_runtime.errors",
+    "EdgeRuntimeError": "edge_runtime.errors",
+    "ExpiredPackageError": "edge_runtime.errors",
+    "ModelError": "edge_runtime.errors",
+    "PackageError": "edge_runtime.errors",
+    "PackageIntegrityError": "edge_runtime.errors",
+    "RollbackError": "edge_runtime.errors",
+    "TeacherError": "edge_runtime.errors",
+    "TeacherRejected": "edge_runtime.errors",
+    "TeacherUnavailable": "edge_runtime.errors",
+}
+_SUBMODULES = {"encryption", "signing"}
+
+__all__ = sorted([*_LAZY, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"edge_runtime.{name}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from edge_runtime import encryption, signing  # noqa: F401
+    from edge_runtime.errors import (  # noqa: F401
+        ConfigError,
+        DataFormatError,
+        EdgeRuntimeError,
+        ExpiredPackageError,
+        ModelError,
+        PackageError,
+        PackageIntegrityError,
+        RollbackError,
+        TeacherError,
+        TeacherRejected,
+        TeacherUnavailable,
+    )
+    from edge_runtime.package import ModelPackage, TrustPolicy, read_package  # noqa: F401
+    from edge_runtime.rollback import RollbackState  # noqa: F401
+    from edge_runtime.runtime import (  # noqa: F401
+        SOURCE_LOCAL,
+        SOURCE_LOCAL_OFFLINE,
+        SOURCE_TEACHER,
+        Answer,
+        EdgeRuntime,
+    )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-
-import httpx
+from typing import TYPE_CHECKING
 
 from edge_runtime.errors import TeacherRejected, TeacherUnavailable
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +40,31 @@ class TeacherClient:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
     ):
         self.base_url = base_url.rstrip("/")
-        headers = {"User-Agent": "edge-runtime"}
+        self._headers = {"User-Agent": "edge-runtime"}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._client: httpx.Client | None = None
+
+    @property
+    def _http(self) -> httpx.Client:
+        # httpx is imported and the pool created on the first request, so a device whose first
+        # answers are local does not pay for them at start-up.
+        if self._client is None:
+            import httpx
+
+            timeout = httpx.Timeout(self._read_timeout, connect=self._connect_timeout)
+            self._client = httpx.Client(base_url=self.base_url, headers=self._headers,
+                                        timeout=timeout)
+        return self._client
 
     def __repr__(self) -> str:  # the API key stays out of reprs and logs
         return f"TeacherClient(base_url={self.base_url!r})"
 
     def predict(self, text: str) -> TeacherAnswer:
+        import httpx
+
         try:
             response = self._http.post("/v1/predict", json={"text": text})
         except httpx.TimeoutException as exc:
@@ -77,13 +94,17 @@ class TeacherClient:
         )
 
     def healthy(self) -> bool:
+        import httpx
+
         try:
             return self._http.get("/healthz").status_code == 200
         except httpx.HTTPError:
             return False
 
     def close(self) -> None:
-        self._http.close()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 def _problem_detail(response: httpx.Response) -> str:
