@@ -316,10 +316,13 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
 
     # The signature is checked over raw bytes before the manifest is parsed.
     signer_key_id = None
+    signed_digests: dict[str, str] = {}
     signature = raw_members.pop(SIGNATURE_NAME, None)
     if signature is not None and trust.trusted_keys:
         verified = signing.verify_members(signature, raw_members, list(trust.trusted_keys))
         signer_key_id = verified.signer_key_id
+        # verify_members hashed every member and matched them, so the digests are reused below.
+        signed_digests = dict(verified.resources)
         verdicts.append(f"signature: valid, signer key {signer_key_id}")
     elif not trust.allow_unsigned:
         if signature is None:
@@ -342,7 +345,7 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
     manifest = _parse_manifest(raw, label)
-    _check_digests(label, raw, raw_members)
+    _check_digests(label, raw, raw_members, signed_digests)
     verdicts.append(f"digests: {len(raw['members'])} member(s) match the manifest")
 
     _check_expiry(label, manifest, trust)
@@ -406,7 +409,11 @@ def inspect_package(source: str | Path | bytes) -> dict[str, Any]:
             "archive_members": sorted(raw_members)}
 
 
-def _check_digests(label: str, raw: dict[str, Any], raw_members: dict[str, bytes]) -> None:
+def _check_digests(label: str, raw: dict[str, Any], raw_members: dict[str, bytes],
+                   known_digests: dict[str, str] | None = None) -> None:
+    """Compare members with the manifest's sizes and digests. ``known_digests`` holds SHA-256
+    values already computed over the same bytes, which are then not hashed again."""
+    known_digests = known_digests or {}
     listed = set(raw["members"])
     present = set(raw_members) - {MANIFEST_NAME}
     unlisted = sorted(present - listed)
@@ -419,8 +426,10 @@ def _check_digests(label: str, raw: dict[str, Any], raw_members: dict[str, bytes
             mismatches.append(f"{name}: missing from the archive")
         elif len(blob) != entry["size"]:
             mismatches.append(f"{name}: size {len(blob)} bytes, manifest says {entry['size']}")
-        elif sha256_hex(blob) != entry["sha256"]:
-            mismatches.append(f"{name}: sha256 {sha256_hex(blob)}, manifest says {entry['sha256']}")
+        else:
+            digest = known_digests.get(name) or sha256_hex(blob)
+            if digest != entry["sha256"]:
+                mismatches.append(f"{name}: sha256 {digest}, manifest says {entry['sha256']}")
     if mismatches:
         raise PackageIntegrityError(
             f"{label}: {len(mismatches)} member(s) differ from the manifest: "
