@@ -256,8 +256,10 @@ def read_archive(source: str | Path | bytes) -> tuple[str, dict[str, bytes]]:
 
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as exc:
-        raise PackageError(f"{label} is not a model package (not a ZIP archive: {exc})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError,
+            NotImplementedError) as exc:
+        raise PackageError(f"{label} is not a model package (not a ZIP archive, or one this "
+                           f"reader cannot open: {exc})") from None
 
     raw_members: dict[str, bytes] = {}
     with archive:
@@ -342,7 +344,7 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
 
     try:
         raw = json.loads(raw_members[MANIFEST_NAME].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
     manifest = _parse_manifest(raw, label)
     _check_digests(label, raw, raw_members, signed_digests)
@@ -378,7 +380,7 @@ def sign_archive(source: str | Path | bytes, target: str | Path, signer_key: Any
     raw_members.pop(SIGNATURE_NAME, None)
     try:
         raw = json.loads(raw_members[MANIFEST_NAME].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
     manifest = _parse_manifest(raw, label)
     _check_digests(label, raw, raw_members)
@@ -401,7 +403,7 @@ def inspect_package(source: str | Path | bytes) -> dict[str, Any]:
     label, raw_members = read_archive(source)
     try:
         raw = json.loads(raw_members[MANIFEST_NAME].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise PackageError(f"{label}: manifest is {type(raw).__name__}; expected a JSON object")
@@ -442,7 +444,11 @@ def _check_expiry(label: str, manifest: Manifest, trust: TrustPolicy) -> None:
         return
     expires = _parse_time(manifest.expires_at, "expires_at", label)
     now = trust.now()
-    if now > expires + dt.timedelta(seconds=trust.clock_skew):
+    try:
+        deadline = expires + dt.timedelta(seconds=trust.clock_skew)
+    except OverflowError:
+        return  # within the skew of the largest time Python represents: not expired
+    if now > deadline:
         raise ExpiredPackageError(
             f"{label}: package {manifest.name!r} version {manifest.version} expired at "
             f"{manifest.expires_at} (now {now.isoformat(timespec='seconds')}, clock skew "
@@ -570,14 +576,24 @@ def _parse_manifest(raw: Any, source: str) -> Manifest:
         gate_raw = _require(raw, "gate", dict, source)
         temperature = _require(gate_raw, "temperature", (int, float), source + " [gate]")
         threshold = _require(gate_raw, "threshold", (int, float), source + " [gate]")
-        if not 0 < temperature < float("inf"):
-            raise PackageError(f"{source}: gate temperature {temperature} must be positive")
+        try:
+            finite = 0 < float(temperature) < float("inf")
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise PackageError(f"{source}: gate temperature {temperature!r:.40} must be positive "
+                               "and finite")
+        temperature = float(temperature)
         if not 0.0 <= threshold <= 1.0:
             raise PackageError(f"{source}: gate threshold {threshold} must be within [0, 1]")
+        fitted_on = gate_raw.get("fitted_on")
+        if fitted_on is not None and not isinstance(fitted_on, dict):
+            raise PackageError(f"{source}: gate 'fitted_on' must be an object or null, got "
+                               f"{type(fitted_on).__name__}")
         gate = GateSettings(
-            temperature=float(temperature),
+            temperature=temperature,
             threshold=float(threshold),
-            fitted_on=dict(gate_raw.get("fitted_on") or {}),
+            fitted_on=dict(fitted_on or {}),
         )
 
     expires_at = raw.get("expires_at")

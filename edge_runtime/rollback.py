@@ -43,7 +43,7 @@ class RollbackState:
             raise PackageError(f"rollback state {self.path} is larger than {MAX_STATE_BYTES} bytes")
         try:
             raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise PackageError(
                 f"rollback state {self.path} is not valid JSON ({exc}); restore it from a "
                 "backup, or delete it to accept any version again"
