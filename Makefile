@@ -38,9 +38,11 @@ test-fast: $(VENV)/.installed-all
 models: $(VENV)/.installed-all
 	$(BIN)/python -m export build --config export/configs/clinc150.toml
 
-# Single-query latency of the four models of the last build.
+# Single-query latency of the four models of the last build, then cold start of the signed,
+# encrypted student against plain ONNX Runtime on the same model.
 bench: $(VENV)/.installed-all
 	$(BIN)/python benchmarks/latency.py --build-dir build/clinc150
+	$(BIN)/python benchmarks/cold_start.py
 
 eval: $(VENV)/.installed-base
 	$(BIN)/edge-runtime eval --data ../shared/data/clinc150 --split test

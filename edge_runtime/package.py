@@ -220,6 +220,8 @@ def _write_archive(path: Path, archive_members: dict[str, bytes]) -> Path:
                     archive.writestr(name, archive_members[name])
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file with mode 0600; a package holds no secret in plaintext.
+        os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
