@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -211,6 +210,8 @@ def write_package(
 
 def _write_archive(path: Path, archive_members: dict[str, bytes]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile  # imported here: only writers need it, and devices only read
+
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
