@@ -58,4 +58,6 @@ def test_teacher_answers_clear_query(text, label):
 
 
 def test_student_smaller_than_teacher():
-    assert STUDENT.stat().st_size < TEACHER.stat().st_size / 2
+    # Most of both is the int8 token embedding table (30,522 x 384), which the student keeps
+    # whole, so the student package is smaller but not by its share of layers.
+    assert STUDENT.stat().st_size < 0.8 * TEACHER.stat().st_size
