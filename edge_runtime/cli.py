@@ -38,12 +38,45 @@ DEMO_QUERIES = [
 ]
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+def port_number(value: str) -> int:
+    """argparse type: a TCP port, 0 to 65535."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port; use 0 to 65535")
+    return number
+
+
+def timeout_seconds(value: str) -> float:
+    """argparse type: a positive, finite number of seconds, at most one hour."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 < number <= 3600:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0 and at most 3600 seconds")
+    return number
+
+
 def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--package", default=DEFAULT_STUDENT_PACKAGE,
                         help="student package (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="ONNX Runtime intra-op threads (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=2.0,
+    parser.add_argument("--timeout", type=timeout_seconds, default=2.0,
                         help="teacher read timeout in seconds (default: %(default)s)")
     add_trust_options(parser)
 
@@ -81,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a data split through the cascade")
     evaluate.add_argument("--data", required=True, help="data set folder")
     evaluate.add_argument("--split", default="test", help="split name (default: %(default)s)")
-    evaluate.add_argument("--limit", type=int, default=0,
-                          help="evaluate only the first N queries (default: all)")
+    evaluate.add_argument("--limit", type=positive_int, default=None,
+                          help="evaluate only the first N queries in file order (default: all)")
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
     _add_runtime_options(evaluate)
     _add_teacher_options(evaluate)
@@ -91,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--package", default=DEFAULT_TEACHER_PACKAGE,
                          help="teacher package (default: %(default)s)")
     gateway.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
-    gateway.add_argument("--port", type=int, default=8080,
+    gateway.add_argument("--port", type=port_number, default=8080,
                          help="TCP port; 0 picks a free one (default: %(default)s)")
-    gateway.add_argument("--threads", type=int, default=1,
+    gateway.add_argument("--threads", type=positive_int, default=1,
                          help="ONNX Runtime intra-op threads (default: %(default)s)")
     add_trust_options(gateway, device=False)
 
@@ -167,7 +200,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from edge_runtime.teacher_client import TeacherClient
 
     examples = load_split(args.data, args.split)
-    if args.limit > 0:
+    if args.limit is not None:
         examples = examples[: args.limit]
     with _teacher_url(args) as url:
         teacher = TeacherClient(url, read_timeout=args.timeout)
@@ -175,7 +208,7 @@ def run_eval(args: argparse.Namespace) -> int:
                               read_timeout=args.timeout, trust=trust_from_args(args)) as runtime:
             result = evaluate(runtime, teacher, examples, progress=True)
         teacher.close()
-    result["data"] = {"path": args.data, "split": args.split}
+    result["data"] = {"path": args.data, "split": args.split, "limit": args.limit}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

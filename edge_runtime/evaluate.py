@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from edge_runtime.data import Example
+from edge_runtime.errors import ConfigError
 from edge_runtime.metrics import accuracy_figures, percentile_ms
 from edge_runtime.runtime import SOURCE_LOCAL, EdgeRuntime
 from edge_runtime.teacher_client import TeacherClient
@@ -71,8 +72,14 @@ def evaluate(runtime: EdgeRuntime, teacher: TeacherClient, examples: Sequence[Ex
              progress: bool = True) -> dict:
     """Run the student, the teacher and the cascade over ``examples``; return the figures."""
     if not examples:
-        raise ValueError("no examples to evaluate")
+        raise ConfigError("no examples to evaluate; check --data and --split")
     expected = [e.label for e in examples]
+    unknown = sorted(set(expected) - set(runtime.student.labels))
+    if unknown:
+        raise ConfigError(
+            f"the data has {len(unknown)} label(s) that package {runtime.manifest.name!r} does "
+            f"not know, for example {unknown[:5]}; evaluate it on the data set it was built for"
+        )
     student = runtime.student
 
     def student_label(text: str) -> str:

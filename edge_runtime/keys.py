@@ -83,7 +83,12 @@ def generate_keys(folder: str | Path, name: str, kind: str) -> tuple[Path, Path]
     keys; a hardware keystore can hold it) or ``device-x25519``. Existing files are not
     overwritten.
     """
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ConfigError(f"key name {name!r} must be a plain file name stem, such as "
+                          "'device-0001'")
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {folder} is a file; pass a folder for the key files")
     folder.mkdir(parents=True, exist_ok=True)
     private_path, public_path = folder / f"{name}.key.pem", folder / f"{name}.pub.pem"
     for path in (private_path, public_path):

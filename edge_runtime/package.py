@@ -332,8 +332,8 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
     elif not trust.allow_unsigned:
         if signature is None:
             raise signing.SignatureError(
-                f"{label} is not signed; sign it with `edge-runtime package sign`, or allow "
-                "unsigned packages for development only"
+                f"{label} is not signed; sign it with `edge-runtime package sign`, or, for "
+                "development only, allow unsigned packages (--allow-unsigned)"
             )
         raise signing.UnknownSignerError(
             f"{label} is signed but no trusted signer keys were given; pass the builder's "
@@ -357,9 +357,15 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
     verdicts.append("expiry: " + (f"valid until {manifest.expires_at}" if manifest.expires_at
                                   else "none set"))
     if trust.rollback is not None and signer_key_id is not None:
+        highest = trust.rollback.highest(signer_key_id, manifest.name)
         trust.rollback.check(signer_key_id, manifest.name, manifest.version,
                              trust.allow_downgrade)
-        verdicts.append(f"rollback: version {manifest.version} is not older than accepted ones")
+        if highest is not None and manifest.version < highest:
+            verdicts.append(f"rollback: version {manifest.version} is older than accepted "
+                            f"version {highest}, accepted because a downgrade was allowed")
+        else:
+            verdicts.append(f"rollback: version {manifest.version} is not older than accepted "
+                            "ones")
     elif trust.rollback is not None:
         # Versions are recorded per signer, so an unsigned package has nothing to compare with.
         verdicts.append("rollback: not checked, because the package has no verified signer")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from edge_runtime.package import (
     sign_archive,
 )
 from edge_runtime.rollback import RollbackState
+
+log = logging.getLogger(__name__)
 
 
 def default_state_file() -> str:
@@ -70,6 +73,11 @@ def trust_from_args(args: argparse.Namespace) -> TrustPolicy:
         if passphrase is None:
             raise ConfigError(f"environment variable {passphrase_env} is not set")
     state_file = default_state_file() if args.state_file is None else args.state_file
+    demo = {str(keys.DEMO_SIGNER_PUBLIC), str(keys.DEMO_DEVICE_PRIVATE)}
+    in_use = set(provider.signer_public_keys) | {provider.device_private_key}
+    if demo & in_use:
+        log.warning("using the demo keys in %s, which are public and protect nothing; pass "
+                    "--signer-key and --device-key for real packages", keys.DEMO_KEYS_DIR)
     return TrustPolicy(
         trusted_keys=tuple(provider.trusted_signer_keys()),
         device_key=None if passphrase is not None else provider.device_key(),

@@ -72,7 +72,7 @@ class RollbackState:
         raise RollbackError(
             f"package {package_name!r} version {version} is older than version {highest}, "
             f"already accepted from signer {signer_key_id[:16]}; install version {highest} or "
-            "newer, or allow the downgrade explicitly"
+            "newer, or allow the downgrade explicitly (--allow-downgrade)"
         )
 
     def record(self, signer_key_id: str, package_name: str, version: int) -> None:

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 SOURCE_LOCAL = "local"
 SOURCE_TEACHER = "teacher"
 SOURCE_LOCAL_OFFLINE = "local-offline"
-MAX_TEXT_CHARS = 10_000
+# The gateway accepts at most 2,000 characters, so longer text could never be escalated.
+MAX_TEXT_CHARS = 2_000
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class EdgeRuntime:
                 "needed (teacher packages are served by the gateway)"
             )
         self.student = OnnxClassifier(package, threads=threads)
+        self._label_set = frozenset(self.student.labels)
         self.gate = ConfidenceGate(package.manifest.gate)
         self.teacher = teacher
         self.debug = debug
@@ -132,10 +134,10 @@ class EdgeRuntime:
     def answer(self, text: str) -> Answer:
         """Answer one query through the cascade.
 
-        An unreachable teacher does not raise: the student's label comes back as
-        ``local-offline``. Raises ``ConfigError`` for invalid text, ``TeacherRejected`` when the
-        gateway rejects the request (4xx), and ``TeacherError`` when the student's logits are
-        unusable and the teacher is unreachable.
+        A teacher that is unreachable, rejects the request (4xx) or returns a label this package
+        does not know does not raise: the student's label comes back as ``local-offline``.
+        Raises ``ConfigError`` for invalid text, and ``TeacherError`` when the student's logits
+        are unusable and the teacher gave no answer.
         """
         if not isinstance(text, str):
             raise ConfigError(f"text must be a str, got {type(text).__name__}")
@@ -145,6 +147,13 @@ class EdgeRuntime:
             raise ConfigError(
                 f"text has {len(text)} characters; the limit is {MAX_TEXT_CHARS}"
             )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(
+                f"text is not valid Unicode ({exc.reason} at position {exc.start}); pass UTF-8 "
+                "text"
+            ) from None
         start = time.perf_counter()
         prediction = self.student.predict(text)
         decision = self.gate.decide(prediction.logits)
@@ -177,10 +186,15 @@ class EdgeRuntime:
         start = time.perf_counter()
         try:
             reply = self.teacher.predict(text)
-        except TeacherRejected:
-            raise
         except TeacherError as exc:
-            log.warning("teacher unavailable, answering locally: %s", exc)
+            # A rejection (4xx) is logged as an error because retrying will not fix it, but the
+            # device still gets the student's answer.
+            level = logging.ERROR if isinstance(exc, TeacherRejected) else logging.WARNING
+            log.log(level, "teacher gave no answer, answering locally: %s", exc)
+            return student_label, SOURCE_LOCAL_OFFLINE, (time.perf_counter() - start) * 1000.0
+        if reply.label not in self._label_set:
+            log.error("teacher returned a label %r that this package does not know; answering "
+                      "locally", reply.label[:80])
             return student_label, SOURCE_LOCAL_OFFLINE, (time.perf_counter() - start) * 1000.0
         return reply.label, SOURCE_TEACHER, (time.perf_counter() - start) * 1000.0
 

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 1.0  # seconds
 DEFAULT_READ_TIMEOUT = 2.0  # seconds
+MAX_RESPONSE_BYTES = 64 * 1024  # a reply larger than this is treated as a failed teacher
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,21 @@ class TeacherClient:
         import httpx
 
         try:
-            response = self._http.post("/v1/predict", json={"text": text})
+            with self._http.stream("POST", "/v1/predict", json={"text": text}) as response:
+                content = bytearray()
+                for chunk in response.iter_bytes():
+                    content += chunk
+                    if len(content) > MAX_RESPONSE_BYTES:
+                        raise TeacherUnavailable(
+                            f"teacher at {self.base_url} sent more than {MAX_RESPONSE_BYTES} "
+                            "bytes; a prediction is a few hundred"
+                        )
         except httpx.TimeoutException as exc:
             raise TeacherUnavailable(f"teacher at {self.base_url} timed out: {exc!r}") from exc
         except httpx.HTTPError as exc:
             raise TeacherUnavailable(f"teacher at {self.base_url} is unreachable: {exc!r}") from exc
+        response = httpx.Response(response.status_code, headers=response.headers,
+                                  content=bytes(content))
 
         if response.status_code >= 500:
             raise TeacherUnavailable(
@@ -85,6 +96,10 @@ class TeacherClient:
             )
         if response.status_code >= 400:
             raise TeacherRejected(response.status_code, _problem_detail(response))
+        if response.status_code != 200:
+            raise TeacherUnavailable(
+                f"teacher at {self.base_url} returned HTTP {response.status_code}; expected 200"
+            )
         try:
             body = response.json()
             label = body["label"]

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from tests.conftest import CLI_TRUST, CLINC150_DIR, ROOT
+from edge_runtime.data import load_split
+from edge_runtime.package import read_package
+from tests.conftest import CLI_TRUST, CLINC150_DIR, ROOT, demo_trust
 
 pytestmark = pytest.mark.slow
 
@@ -52,18 +54,29 @@ def test_ask_missing_package_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_eval_json_fields(tiny_build):
+def tiny_test_split(tiny_build, folder):
+    """Write the CLINC150 test queries of the tiny build's labels as test.jsonl."""
+    labels = set(read_package(tiny_build.student_package, demo_trust()).manifest.labels)
+    rows = [e for e in load_split(CLINC150_DIR, "test") if e.label in labels]
+    folder.mkdir()
+    with open(folder / "test.jsonl", "w", encoding="utf-8") as handle:
+        for example in rows:
+            handle.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
+    return folder
+
+
+def test_eval_json_fields(tiny_build, tmp_path):
+    data = tiny_test_split(tiny_build, tmp_path / "tiny")
     result = run_cli(
-        "eval", "--data", str(CLINC150_DIR), "--split", "test", "--limit", "80", "--json",
+        "eval", "--data", str(data), "--split", "test", "--json",
         "--package", str(tiny_build.student_package),
         "--teacher-package", str(tiny_build.teacher_package),
     )
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
-    assert body["n"] == 80
-    for key in ("accuracy", "in_scope_accuracy", "local_fraction"):
+    assert body["n"] == 7 * 30 + 1000
+    for key in ("accuracy", "in_scope_accuracy", "oos_recall", "local_fraction"):
         assert 0.0 <= body[key] <= 1.0, key
-    assert body["oos_recall"] is None  # the first 80 test queries are all in scope
     assert set(body["latency_ms"]) == {"local_p50", "local_p95", "escalated_p50",
                                        "escalated_p95"}
     for baseline in ("teacher", "student"):
@@ -71,6 +84,28 @@ def test_eval_json_fields(tiny_build):
         for key in ("accuracy", "in_scope_accuracy", "oos_recall", "p50_ms"):
             assert key in figures, (baseline, key)
     assert body["sources"].get("local-offline", 0) == 0
+
+
+def test_eval_foreign_labels_exit_2(tiny_build):
+    result = run_cli("eval", "--data", str(CLINC150_DIR), "--split", "test",
+                     "--package", str(tiny_build.student_package),
+                     "--teacher-package", str(tiny_build.teacher_package))
+    assert result.returncode == 2
+    assert "does not know" in result.stderr
+
+
+@pytest.mark.parametrize("option", [["--limit", "0"], ["--threads", "0"], ["--timeout", "nan"]])
+def test_eval_invalid_number_exit_2(tiny_build, option):
+    result = run_cli("eval", "--data", str(CLINC150_DIR), *option,
+                     "--package", str(tiny_build.student_package))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_ask_surrogate_text_exit_2(tiny_build):
+    result = run_cli("ask", "caf\udce9 alarm", "--package", str(tiny_build.student_package))
+    assert result.returncode == 2
+    assert "not valid Unicode" in result.stderr
 
 
 def test_eval_unknown_split_exit_2(tiny_build):

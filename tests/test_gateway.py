@@ -46,6 +46,8 @@ def test_predict_returns_label_only(client, tiny_build):
         (b'{"text": 5}', "text"),
         (b'{"text": "   "}', "text"),
         (b"\xff\xfe", "JSON"),
+        (b"[" * 30000, "JSON"),
+        (b'{"text": "\\ud800 alarm"}', "text"),
     ],
 )
 def test_predict_bad_body_400(client, content, title_word):
@@ -88,3 +90,12 @@ def test_serves_after_bad_requests(client):
     response = client.post("/v1/predict", json={"text": "set a timer for ten minutes"})
     assert response.status_code == 200
     assert response.json()["label"] == "timer"
+
+
+def test_student_package_not_served(tiny_build):
+    from edge_runtime.errors import TeacherUnavailable
+    from edge_runtime.gateway.server import start_gateway
+    from tests.conftest import SIGNER_PUBLIC
+
+    with pytest.raises(TeacherUnavailable, match="not a teacher"):
+        start_gateway(tiny_build.student_package, signer_keys=(str(SIGNER_PUBLIC),))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 
 import pytest
@@ -144,3 +145,60 @@ def test_unsigned_package_rejected_by_default(tiny_build, tmp_path):
 def test_default_trust_rejects_package(tiny_build):
     with pytest.raises(PackageError, match="no trusted signer keys"):
         EdgeRuntime.load(tiny_build.student_package)
+
+
+class FakeTeacher:
+    """A loopback HTTP server that answers every POST with a fixed status and JSON body."""
+
+    def __init__(self, status: int, body: dict):
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                data = json.dumps(outer.body).encode()
+                self.send_response(outer.status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.status, self.body = status, body
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(400, {"title": "Invalid field 'text'"}), (200, {"label": "not_a_known_label"}),
+     (200, {"nothing": 1})],
+    ids=["rejected", "unknown-label", "no-label"],
+)
+def test_bad_teacher_reply_answers_offline(tiny_build, status, body):
+    fake = FakeTeacher(status, body)
+    try:
+        with EdgeRuntime.load(tiny_build.student_package, teacher_url=fake.url,
+                              trust=demo_trust()) as runtime:
+            runtime.gate.threshold = 1.0  # escalate every query
+            answer = runtime.answer("what time is it")
+    finally:
+        fake.close()
+    assert answer.source == SOURCE_LOCAL_OFFLINE
+    assert answer.label in runtime.student.labels
+
+
+def test_surrogate_text_raises(tiny_build):
+    with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust()) as runtime:
+        with pytest.raises(ConfigError, match="not valid Unicode"):
+            runtime.answer("caf\udce9 alarm")

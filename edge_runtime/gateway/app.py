@@ -57,7 +57,7 @@ def create_app(teacher: OnnxClassifier) -> Starlette:
                            f"The request body exceeds {MAX_BODY_BYTES} bytes.", request_id)
         try:
             payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             return problem(400, "Invalid JSON", "The request body is not valid JSON.", request_id)
         if not isinstance(payload, dict):
             return problem(400, "Invalid request",
@@ -72,6 +72,12 @@ def create_app(teacher: OnnxClassifier) -> Starlette:
         if len(text) > MAX_TEXT_CHARS:
             return problem(400, "Invalid field 'text'",
                            f"Field 'text' exceeds {MAX_TEXT_CHARS} characters.", request_id)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return problem(400, "Invalid field 'text'",
+                           "Field 'text' contains an unpaired surrogate; send valid Unicode.",
+                           request_id)
 
         prediction = await run_in_threadpool(teacher.predict, text)
         label = teacher.labels[int(prediction.logits.argmax())]

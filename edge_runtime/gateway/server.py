@@ -46,6 +46,12 @@ def serve(package_path: str, host: str = "127.0.0.1", port: int = 8080, threads:
 
     teacher = OnnxClassifier.from_file(package_path, threads=threads,
                                        trust=trust if trust is not None else TrustPolicy())
+    role = teacher.package.manifest.raw.get("model", {}).get("role")
+    if role != "teacher":
+        raise ConfigError(
+            f"{package_path} is a {role or 'unlabelled'} package, not a teacher; serve the "
+            "teacher package (for example models/clinc150-teacher.edgepkg)"
+        )
     app = create_app(teacher)
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -55,7 +61,12 @@ def serve(package_path: str, host: str = "127.0.0.1", port: int = 8080, threads:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}; choose another --host or "
+                          "--port (0 picks a free port)") from None
     bound_host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
 
