@@ -99,3 +99,37 @@ def test_student_package_not_served(tiny_build):
 
     with pytest.raises(TeacherUnavailable, match="not a teacher"):
         start_gateway(tiny_build.student_package, signer_keys=(str(SIGNER_PUBLIC),))
+
+
+def test_gateway_dies_with_parent(tiny_build):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, SIGNER_PUBLIC
+
+    script = (
+        "import sys, time\n"
+        "from edge_runtime.gateway.server import start_gateway\n"
+        f"g = start_gateway({str(tiny_build.teacher_package)!r}, "
+        f"signer_keys=({str(SIGNER_PUBLIC)!r},))\n"
+        "print(g.process.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError(f"gateway pid {child} outlived its killed parent")

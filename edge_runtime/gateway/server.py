@@ -123,7 +123,8 @@ def start_gateway(
         command += ["--signer-key", str(key)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
     )
     stderr_lines: list[str] = []
     threading.Thread(target=_drain, args=(process.stderr, stderr_lines), daemon=True).start()
@@ -171,6 +172,17 @@ def running_gateway(
         yield gateway
     finally:
         gateway.stop()
+
+
+def _terminate_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this child when its parent dies, even by SIGKILL, so that
+    a killed ``eval`` or ``demo`` does not leave its gateway running."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _drain(stream, sink: list[str]) -> None:
