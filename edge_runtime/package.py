@@ -357,9 +357,8 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
     verdicts.append("expiry: " + (f"valid until {manifest.expires_at}" if manifest.expires_at
                                   else "none set"))
     if trust.rollback is not None and signer_key_id is not None:
-        highest = trust.rollback.highest(signer_key_id, manifest.name)
-        trust.rollback.check(signer_key_id, manifest.name, manifest.version,
-                             trust.allow_downgrade)
+        highest = trust.rollback.check(signer_key_id, manifest.name, manifest.version,
+                                       trust.allow_downgrade)
         if highest is not None and manifest.version < highest:
             verdicts.append(f"rollback: version {manifest.version} is older than accepted "
                             f"version {highest}, accepted because a downgrade was allowed")

@@ -60,15 +60,16 @@ class RollbackState:
         return self._load().get(f"{signer_key_id}/{package_name}")
 
     def check(self, signer_key_id: str, package_name: str, version: int,
-              allow_downgrade: bool = False) -> None:
-        """Raise RollbackError if ``version`` is older than the newest one accepted."""
+              allow_downgrade: bool = False) -> int | None:
+        """Raise RollbackError if ``version`` is older than the newest one accepted; return
+        that newest version (None when nothing was accepted yet)."""
         highest = self.highest(signer_key_id, package_name)
         if highest is None or version >= highest:
-            return
+            return highest
         if allow_downgrade:
             log.warning("accepting %s version %d, older than accepted version %d, because a "
                         "downgrade was allowed", package_name, version, highest)
-            return
+            return highest
         raise RollbackError(
             f"package {package_name!r} version {version} is older than version {highest}, "
             f"already accepted from signer {signer_key_id[:16]}; install version {highest} or "
