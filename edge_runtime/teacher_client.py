@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,11 +74,20 @@ class TeacherClient:
     def predict(self, text: str) -> TeacherAnswer:
         import httpx
 
+        # httpx applies the read timeout to each read, so a server that sends one byte at a time
+        # could hold a query for long; the body must also arrive by this deadline.
+        # NOTE: headers sent slowly are still bounded only by the per-read timeout.
+        deadline = time.monotonic() + self._connect_timeout + self._read_timeout
         try:
             with self._http.stream("POST", "/v1/predict", json={"text": text}) as response:
                 content = bytearray()
                 for chunk in response.iter_bytes():
                     content += chunk
+                    if time.monotonic() > deadline:
+                        raise TeacherUnavailable(
+                            f"teacher at {self.base_url} did not finish its reply within "
+                            f"{self._connect_timeout + self._read_timeout:.1f} s"
+                        )
                     if len(content) > MAX_RESPONSE_BYTES:
                         raise TeacherUnavailable(
                             f"teacher at {self.base_url} sent more than {MAX_RESPONSE_BYTES} "

@@ -202,3 +202,37 @@ def test_surrogate_text_raises(tiny_build):
     with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust()) as runtime:
         with pytest.raises(ConfigError, match="not valid Unicode"):
             runtime.answer("caf\udce9 alarm")
+
+
+def test_slow_teacher_reply_times_out(tiny_build):
+    import http.server
+    import threading
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = b'{"label": "timer"}'
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            for byte in body:  # one byte every 0.2 s: each read is quick, the whole is not
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with EdgeRuntime.load(tiny_build.student_package, teacher_url=url, trust=demo_trust(),
+                              connect_timeout=0.5, read_timeout=1.0) as runtime:
+            runtime.gate.threshold = 1.0  # escalate every query
+            answer = runtime.answer("what time is it")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answer.source == SOURCE_LOCAL_OFFLINE
