@@ -1,4 +1,4 @@
-"""Where the runtime gets its keys: trusted signer public keys and this device's private key.
+"""Key sources of the runtime: trusted signer public keys and this device's private key.
 
 ``KeyProvider`` is the interface. ``FileKeyProvider`` reads PEM files, and ``from_environment``
 reads the paths or PEM text from environment variables. A hardware keystore (PKCS#11, TPM 2.0,
@@ -64,8 +64,8 @@ class FileKeyProvider:
 
 def from_environment(default_signer: str | None = None,
                      default_device: str | None = None) -> FileKeyProvider:
-    """A provider from EDGE_RUNTIME_SIGNER_KEY and EDGE_RUNTIME_DEVICE_KEY (each a path or PEM
-    text), falling back to the given defaults."""
+    """Return a provider from EDGE_RUNTIME_SIGNER_KEY and EDGE_RUNTIME_DEVICE_KEY (each a path
+    or PEM text), falling back to the given defaults."""
     signer = os.environ.get(SIGNER_KEY_ENV) or default_signer
     device = os.environ.get(DEVICE_KEY_ENV) or default_device
     password = os.environ.get(DEVICE_KEY_PASSWORD_ENV)

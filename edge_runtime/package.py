@@ -221,7 +221,7 @@ def _write_archive(path: Path, archive_members: dict[str, bytes]) -> Path:
                     archive.writestr(name, archive_members[name])
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp creates the file with mode 0600; a package holds no secret in plaintext.
+        # mkstemp creates the file with mode 0600, but a package contains no plaintext secret.
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, path)
     except BaseException:

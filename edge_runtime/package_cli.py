@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def default_state_file() -> str:
-    """The rollback state under $XDG_STATE_HOME (default ~/.local/state)."""
+    """Return the path of the rollback state under $XDG_STATE_HOME (default ~/.local/state)."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return str(Path(base) / "edge-runtime" / "accepted-versions.json")
 

@@ -58,7 +58,7 @@ class TeacherClient:
             import httpx
 
             timeout = httpx.Timeout(self._read_timeout, connect=self._connect_timeout)
-            # httpcore writes the headers and the body of a POST separately; with Nagle's
+            # httpcore writes the headers and the body of a POST separately. With Nagle's
             # algorithm on, the body then waits for the server's delayed ACK (about 40 ms on
             # Linux), so Nagle is turned off.
             transport = httpx.HTTPTransport(
@@ -75,7 +75,7 @@ class TeacherClient:
         import httpx
 
         # httpx applies the read timeout to each read, so a server that sends one byte at a time
-        # could hold a query for long; the body must also arrive by this deadline.
+        # could hold a query for long. The body must therefore also arrive by this deadline.
         # NOTE: headers sent slowly are still bounded only by the per-read timeout.
         deadline = time.monotonic() + self._connect_timeout + self._read_timeout
         try:

@@ -37,7 +37,7 @@ def pretrained_dir() -> Path:
 
 
 def load_tokenizer(max_length: int) -> Tokenizer:
-    """The pretrained WordPiece tokenizer, set up as the runtime uses it: no padding,
+    """Load the pretrained WordPiece tokenizer, set up as the runtime uses it: no padding,
     truncation at ``max_length`` tokens."""
     tokenizer = Tokenizer.from_file(str(pretrained_dir() / "tokenizer.json"))
     tokenizer.no_padding()
@@ -90,7 +90,7 @@ def load_pretrained_classifier(num_labels: int) -> SentenceClassifier:
 
 
 def cut_student(teacher: SentenceClassifier, layers: tuple[int, ...]) -> SentenceClassifier:
-    """A student holding a deep copy of the teacher's embeddings, the listed encoder layers
+    """Return a student made of a deep copy of the teacher's embeddings, the listed encoder layers
     (in the given order) and its head."""
     student = copy.deepcopy(teacher)
     kept = [student.encoder.encoder.layer[i] for i in layers]
