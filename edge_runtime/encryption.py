@@ -39,8 +39,9 @@ import binascii
 import hashlib
 import logging
 import os
+import queue
 import secrets
-import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,7 @@ def decrypt_member(
     package_name: str,
     version: int,
     member: str,
+    digest: Any = None,
 ) -> bytes:
     """Decrypt and authenticate every segment of a member, and return the plaintext.
 
@@ -253,6 +255,10 @@ def decrypt_member(
     Then it checks the GCM tag of each segment, whose nonce carries its index and the
     last-segment flag. Raises DecryptionError naming the first failed check. No plaintext is
     returned unless every segment authenticates.
+
+    ``digest``, a ``hashlib`` object such as ``hashlib.sha256()``, is updated with the
+    plaintext in a worker thread while the next segment decrypts: both release the GIL, so
+    hashing a large model adds little time on a multi-core CPU.
     """
     source = f"member {member!r}"
     aead = AESGCM(_check_content_key(content_key, DecryptionError))
@@ -279,21 +285,51 @@ def decrypt_member(
     stride = encrypted.segment_size + GCM_TAG_BYTES
     view = memoryview(ciphertext)
     chunks = []
-    for index in range(count):
-        last = index == count - 1
-        nonce = _segment_nonce(encrypted.nonce_prefix, index, last)
-        try:
-            chunks.append(aead.decrypt(nonce, view[index * stride : (index + 1) * stride], aad))
-        except InvalidTag:
-            raise DecryptionError(
-                f"{source}: segment {index} of {count} failed AES-256-GCM authentication; "
-                "the ciphertext or header was modified, segments were reordered or "
-                "truncated, or the content key, package name, version or member name "
-                "differs from encryption"
-            ) from None
+    hashing = _DigestWorker(digest) if digest is not None else None
+    try:
+        for index in range(count):
+            last = index == count - 1
+            nonce = _segment_nonce(encrypted.nonce_prefix, index, last)
+            try:
+                chunk = aead.decrypt(nonce, view[index * stride : (index + 1) * stride], aad)
+            except InvalidTag:
+                raise DecryptionError(
+                    f"{source}: segment {index} of {count} failed AES-256-GCM authentication; "
+                    "the ciphertext or header was modified, segments were reordered or "
+                    "truncated, or the content key, package name, version or member name "
+                    "differs from encryption"
+                ) from None
+            chunks.append(chunk)
+            if hashing is not None:
+                hashing.feed(chunk)
+    finally:
+        if hashing is not None:
+            hashing.finish()
     # One copy into the returned bytes. NOTE: plaintext in Python bytes cannot be wiped, so
     # it stays in memory until the garbage collector frees it.
     return b"".join(chunks)
+
+
+class _DigestWorker:
+    """Feed chunks to a hashlib object in a background thread, in order."""
+
+    def __init__(self, digest: Any):
+        self._digest = digest
+        self._pending: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="segment-digest", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._pending.get()) is not None:
+            self._digest.update(chunk)
+
+    def feed(self, chunk: bytes) -> None:
+        self._pending.put(chunk)
+
+    def finish(self) -> None:
+        """Wait until every chunk fed so far is hashed."""
+        self._pending.put(None)
+        self._thread.join()
 
 
 def _segment_nonce(nonce_prefix: bytes, index: int, last: bool) -> bytes:
@@ -822,6 +858,8 @@ def _read_key_file(path: Path) -> bytes:
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    import tempfile  # imported here: devices read keys, only key generation writes them
+
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     except OSError as exc:
@@ -878,8 +916,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require_bytes_like(value: Any, name: str, error: type[PackageError]) -> bytes:
+def _require_bytes_like(value: Any, name: str, error: type[PackageError]) -> bytes | memoryview:
+    """Return ``value`` as immutable bytes. A read-only byte view (a slice of a package read
+    into memory) is kept as it is, without copying; a writable buffer is copied, so that no
+    one can change it between its checks and its use."""
     if isinstance(value, bytes):
+        return value
+    if isinstance(value, memoryview) and value.readonly and value.format == "B" \
+            and value.ndim == 1 and value.contiguous:
         return value
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)

@@ -27,6 +27,8 @@ import io
 import json
 import logging
 import os
+import struct
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -231,12 +233,25 @@ def _write_archive(path: Path, archive_members: dict[str, bytes]) -> Path:
 
 
 def read_archive(source: str | Path | bytes) -> tuple[str, dict[str, bytes]]:
-    """Read every member of a package archive into memory after the size and name checks.
+    """Read every member of a package archive into memory after the size, name and CRC checks.
 
     Returns a label for messages (the path, or ``<bytes>``) and the raw member bytes. Nothing
     is parsed, verified or decrypted here.
     """
-    if isinstance(source, (bytes, bytearray)):
+    label, members, _ = _read_members(source, hash_members=False)
+    return label, {name: bytes(view) for name, view in members.items()}
+
+
+def _read_members(source: str | Path | bytes, hash_members: bool
+                  ) -> tuple[str, dict[str, memoryview], dict[str, str]]:
+    """Read the archive once; with ``hash_members``, also return each member's SHA-256 hex.
+
+    The archive is read into one bytes object and each member is a memoryview slice of it, so
+    a 16 MB model is never copied. The CRC-32 checks run in a worker thread while this thread
+    computes the SHA-256 digests; both release the GIL, so on two or more cores the CRC costs
+    no extra time.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
         data, label = bytes(source), "<bytes>"
     else:
         label = str(source)
@@ -258,54 +273,104 @@ def read_archive(source: str | Path | bytes) -> tuple[str, dict[str, bytes]]:
         raise PackageError(f"{label} is {len(data)} bytes; the limit is {MAX_PACKAGE_BYTES}")
 
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        # zipfile parses only the central directory here; member data is sliced below.
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError,
             NotImplementedError) as exc:
         raise PackageError(f"{label} is not a model package (not a ZIP archive, or one this "
                            f"reader cannot open: {exc})") from None
 
-    raw_members: dict[str, bytes] = {}
-    with archive:
-        infos = archive.infolist()
-        if len(infos) > MAX_MEMBERS:
-            raise PackageError(f"{label} has {len(infos)} members; the limit is {MAX_MEMBERS}")
-        seen: set[str] = set()
-        total = 0
+    if len(infos) > MAX_MEMBERS:
+        raise PackageError(f"{label} has {len(infos)} members; the limit is {MAX_MEMBERS}")
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        _check_member_name(info.filename, seen, label)
+        limit = MAX_MANIFEST_BYTES if info.filename == MANIFEST_NAME else MAX_MEMBER_BYTES
+        if info.file_size > limit:
+            raise PackageError(
+                f"{label}: member {info.filename!r} is {info.file_size} bytes; "
+                f"the limit is {limit}"
+            )
+        total += info.file_size
+        if total > MAX_TOTAL_BYTES:
+            raise PackageError(f"{label}: members add up to more than {MAX_TOTAL_BYTES} bytes")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise PackageError(
+                f"{label}: member {info.filename!r} is compressed (method "
+                f"{info.compress_type}); package members must be stored"
+            )
+    if MANIFEST_NAME not in seen:
+        raise PackageError(f"{label} has no {MANIFEST_NAME}")
+
+    view = memoryview(data)
+    members = {info.filename: _member_view(label, view, info) for info in infos}
+    crc_failures: list[str] = []
+
+    def check_crcs() -> None:
         for info in infos:
-            _check_member_name(info.filename, seen, label)
-            limit = MAX_MANIFEST_BYTES if info.filename == MANIFEST_NAME else MAX_MEMBER_BYTES
-            if info.file_size > limit:
-                raise PackageError(
-                    f"{label}: member {info.filename!r} is {info.file_size} bytes; "
-                    f"the limit is {limit}"
-                )
-            total += info.file_size
-            if total > MAX_TOTAL_BYTES:
-                raise PackageError(
-                    f"{label}: members add up to more than {MAX_TOTAL_BYTES} bytes"
-                )
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise PackageError(
-                    f"{label}: member {info.filename!r} is compressed (method "
-                    f"{info.compress_type}); package members must be stored"
-                )
-        if MANIFEST_NAME not in seen:
-            raise PackageError(f"{label} has no {MANIFEST_NAME}")
-        for info in infos:
-            try:
-                blob = archive.read(info)
-            except (zipfile.BadZipFile, zlib.error, EOFError, ValueError,
-                    NotImplementedError, RuntimeError) as exc:
-                raise PackageIntegrityError(
-                    f"{label}: member {info.filename!r} is unreadable ({exc})"
-                ) from None
-            if len(blob) != info.file_size:
-                raise PackageIntegrityError(
-                    f"{label}: member {info.filename!r} has {len(blob)} bytes; the archive "
-                    f"directory says {info.file_size}"
-                )
-            raw_members[info.filename] = blob
-    return label, raw_members
+            actual = zlib.crc32(members[info.filename])
+            if actual != info.CRC:
+                crc_failures.append(f"member {info.filename!r} has CRC-32 {actual:08x}, the "
+                                    f"archive directory says {info.CRC:08x}")
+
+    digests: dict[str, str] = {}
+    if hash_members:
+        worker = threading.Thread(target=check_crcs, name="package-crc", daemon=True)
+        worker.start()
+        try:
+            digests = {name: sha256_hex(blob) for name, blob in members.items()}
+        finally:
+            worker.join()
+    else:
+        check_crcs()
+    if crc_failures:
+        raise PackageIntegrityError(f"{label}: {'; '.join(crc_failures)}")
+    return label, members, digests
+
+
+# Local file header: signature, version, flags, method, time, date, CRC-32, compressed and
+# uncompressed sizes, name length, extra field length (APPNOTE.TXT section 4.3.7).
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_LOCAL_MAGIC = b"PK\x03\x04"
+_FLAG_ENCRYPTED = 0x01
+_FLAG_UTF8_NAME = 0x800
+_FLAGS_UNSUPPORTED = 0x20 | 0x40  # compressed patch data, strong encryption
+
+
+def _member_view(label: str, data: memoryview, info: zipfile.ZipInfo) -> memoryview:
+    """Return a member's stored bytes as a slice of ``data``, after the local header checks
+    that ``zipfile`` makes: signature, and a name equal to the central directory's."""
+    name = info.filename
+    start = info.header_offset
+    header = data[start:start + _LOCAL_HEADER.size]
+    if len(header) != _LOCAL_HEADER.size:
+        raise PackageIntegrityError(f"{label}: member {name!r} has a truncated local header")
+    magic, _, flags, _, _, _, _, _, _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+    if magic != _LOCAL_MAGIC:
+        raise PackageIntegrityError(
+            f"{label}: member {name!r} has no local header at offset {start}")
+    if info.flag_bits & (_FLAGS_UNSUPPORTED | _FLAG_ENCRYPTED):
+        raise PackageError(
+            f"{label}: member {name!r} uses ZIP flags {info.flag_bits:#06x} (ZIP encryption or "
+            "patch data), which packages never use")
+    name_start = start + _LOCAL_HEADER.size
+    local_name = bytes(data[name_start:name_start + name_length])
+    try:
+        decoded = local_name.decode("utf-8" if flags & _FLAG_UTF8_NAME else "cp437")
+    except UnicodeDecodeError:
+        decoded = None
+    if decoded != info.orig_filename:
+        raise PackageIntegrityError(
+            f"{label}: member {name!r} is named {local_name!r:.80} in its local header")
+    data_start = name_start + name_length + extra_length
+    data_end = data_start + info.file_size
+    if info.compress_size < info.file_size or data_end > len(data):
+        raise PackageIntegrityError(
+            f"{label}: member {name!r} is truncated: the archive directory says "
+            f"{info.file_size} bytes")
+    return data[data_start:data_end]
 
 
 def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -> ModelPackage:
@@ -316,18 +381,17 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
     but not a device.
     """
     trust = trust if trust is not None else TrustPolicy.unverified()
-    label, raw_members = read_archive(source)
+    # Every member is hashed once here; the signature and manifest checks reuse the digests.
+    label, raw_members, digests = _read_members(source, hash_members=True)
     verdicts: list[str] = []
 
     # The signature is checked over raw bytes before the manifest is parsed.
     signer_key_id = None
-    signed_digests: dict[str, str] = {}
     signature = raw_members.pop(SIGNATURE_NAME, None)
     if signature is not None and trust.trusted_keys:
-        verified = signing.verify_members(signature, raw_members, list(trust.trusted_keys))
+        verified = signing.verify_members(bytes(signature), raw_members,
+                                          list(trust.trusted_keys), digests=digests)
         signer_key_id = verified.signer_key_id
-        # verify_members hashed every member and matched them, so the digests are reused below.
-        signed_digests = dict(verified.resources)
         verdicts.append(f"signature: valid, signer key {signer_key_id}")
     elif not trust.allow_unsigned:
         if signature is None:
@@ -345,12 +409,9 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
         if signature is not None:
             log.warning("%s: signature not checked because no trusted keys were given", label)
 
-    try:
-        raw = json.loads(raw_members[MANIFEST_NAME].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
+    raw = _load_manifest_json(label, raw_members)
     manifest = _parse_manifest(raw, label)
-    _check_digests(label, raw, raw_members, signed_digests)
+    _check_digests(label, raw, raw_members, digests)
     verdicts.append(f"digests: {len(raw['members'])} member(s) match the manifest")
 
     _check_expiry(label, manifest, trust)
@@ -374,6 +435,9 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
         members = _decrypt(label, manifest, raw["encryption"], members, trust)
         verdicts.append(f"decryption: {len(raw['encryption']['members'])} member(s) decrypted "
                         "in memory")
+    # Members that were not encrypted are still views into the archive; callers get bytes.
+    members = {name: blob if isinstance(blob, bytes) else bytes(blob)
+               for name, blob in members.items()}
 
     if trust.rollback is not None and signer_key_id is not None:
         trust.rollback.record(signer_key_id, manifest.name, manifest.version)
@@ -386,10 +450,7 @@ def sign_archive(source: str | Path | bytes, target: str | Path, signer_key: Any
     ``target``. The manifest is parsed only to check it; nothing is decrypted."""
     label, raw_members = read_archive(source)
     raw_members.pop(SIGNATURE_NAME, None)
-    try:
-        raw = json.loads(raw_members[MANIFEST_NAME].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
+    raw = _load_manifest_json(label, raw_members)
     manifest = _parse_manifest(raw, label)
     _check_digests(label, raw, raw_members)
     raw_members[SIGNATURE_NAME] = signing.sign_members(
@@ -409,14 +470,19 @@ def rebuild_package(package: ModelPackage, target: str | Path, **options: Any) -
 def inspect_package(source: str | Path | bytes) -> dict[str, Any]:
     """Return the manifest without verifying the signature or decrypting anything."""
     label, raw_members = read_archive(source)
-    try:
-        raw = json.loads(raw_members[MANIFEST_NAME].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
+    raw = _load_manifest_json(label, raw_members)
     if not isinstance(raw, dict):
         raise PackageError(f"{label}: manifest is {type(raw).__name__}; expected a JSON object")
     return {"manifest": raw, "signed": SIGNATURE_NAME in raw_members,
             "archive_members": sorted(raw_members)}
+
+
+def _load_manifest_json(label: str, raw_members: dict[str, bytes] | dict[str, memoryview]
+                        ) -> Any:
+    try:
+        return json.loads(bytes(raw_members[MANIFEST_NAME]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
 
 
 def _check_digests(label: str, raw: dict[str, Any], raw_members: dict[str, bytes],
@@ -503,12 +569,13 @@ def _decrypt(label: str, manifest: Manifest, section: Any, members: dict[str, by
         if name not in members:
             raise encryption.DecryptionError(f"{label}: encrypted member {name!r} is missing")
         sealed = encryption.EncryptedMember.from_dict(header, members[name])
+        digest = hashlib.sha256()
         plaintext = encryption.decrypt_member(sealed, content_key, manifest.name,
-                                              manifest.version, name)
+                                              manifest.version, name, digest=digest)
         expected = section["plaintext_sha256"].get(name)
-        if sha256_hex(plaintext) != expected:
+        if digest.hexdigest() != expected:
             raise PackageIntegrityError(
-                f"{label}: decrypted {name!r} has sha256 {sha256_hex(plaintext)}, the manifest "
+                f"{label}: decrypted {name!r} has sha256 {digest.hexdigest()}, the manifest "
                 f"says {expected}"
             )
         decrypted[name] = plaintext

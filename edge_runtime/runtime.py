@@ -13,22 +13,29 @@ student's probabilities are attached only when the runtime was created with ``de
 
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from edge_runtime.errors import ConfigError, PackageError, TeacherError, TeacherRejected
-from edge_runtime.gate import ConfidenceGate, softmax
-from edge_runtime.model import DEFAULT_THREADS, OnnxClassifier
 from edge_runtime.package import ModelPackage, TrustPolicy, read_package
 from edge_runtime.teacher_client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
     TeacherClient,
 )
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    import numpy as np
+
+# numpy, onnxruntime and tokenizers take most of a cold start's import time, so this module
+# does not import them (nor edge_runtime.model and edge_runtime.gate, which do) until a
+# runtime is created. EdgeRuntime.load imports them in a thread while it verifies and decrypts.
+MODEL_DEPENDENCIES = ("numpy", "onnxruntime", "tokenizers")
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +70,19 @@ class EdgeRuntime:
         self,
         package: ModelPackage,
         teacher: TeacherClient | None = None,
-        threads: int = DEFAULT_THREADS,
+        threads: int | None = None,
         debug: bool = False,
     ):
+        from edge_runtime.gate import ConfidenceGate
+        from edge_runtime.model import DEFAULT_THREADS, OnnxClassifier
+
         if package.manifest.gate is None:
             raise PackageError(
                 f"{package.path} has no confidence gate in its manifest; a student package is "
                 "needed (teacher packages are served by the gateway)"
             )
-        self.student = OnnxClassifier(package, threads=threads)
+        self.student = OnnxClassifier(package,
+                                      threads=DEFAULT_THREADS if threads is None else threads)
         self._label_set = frozenset(self.student.labels)
         self.gate = ConfidenceGate(package.manifest.gate)
         self.teacher = teacher
@@ -112,17 +123,26 @@ class EdgeRuntime:
         api_key: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
-        threads: int = DEFAULT_THREADS,
+        threads: int | None = None,
         debug: bool = False,
         trust: TrustPolicy | None = None,
     ) -> EdgeRuntime:
         """Verify and decrypt the package at ``package_path`` in memory, then create the
-        session; escalate to ``teacher_url`` if given.
+        session (``threads`` intra-op threads, default 1); escalate to ``teacher_url`` if given.
 
         ``trust`` holds the trusted signer keys, the device key and the rollback state. The
         default, ``TrustPolicy()``, trusts no signer, so a device must say whom it trusts.
+
+        While this thread reads, verifies and decrypts the package, a second thread imports
+        numpy, onnxruntime and tokenizers, so the two overlap on a multi-core CPU.
         """
-        package = read_package(package_path, trust if trust is not None else TrustPolicy())
+        importer = threading.Thread(target=_import_model_dependencies,
+                                    name="edge-runtime-imports", daemon=True)
+        importer.start()
+        try:
+            package = read_package(package_path, trust if trust is not None else TrustPolicy())
+        finally:
+            importer.join()
         teacher = None
         if teacher_url:
             teacher = TeacherClient(
@@ -201,6 +221,8 @@ class EdgeRuntime:
     def _debug_info(self, logits: np.ndarray, score: float | None) -> dict[str, object] | None:
         if not self.debug:
             return None
+        from edge_runtime.gate import softmax
+
         probabilities = softmax(logits, self.gate.temperature).round(6).tolist()
         return {
             "score": score,
@@ -217,3 +239,13 @@ class EdgeRuntime:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _import_model_dependencies() -> None:
+    """Import the model's libraries ahead of use. A failure is left for the import in
+    EdgeRuntime.__init__ to raise in the caller's thread."""
+    for name in MODEL_DEPENDENCIES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - re-raised by the same import in the caller's thread
+            return

@@ -318,13 +318,16 @@ def verify_members(
     signature: bytes,
     members: Mapping[str, bytes],
     trusted_keys: Sequence[ec.EllipticCurvePublicKey],
+    digests: Mapping[str, str] | None = None,
 ) -> VerifiedStatement:
     """Verify a signature file against the members and return what it signed.
 
     The signature must verify with one of ``trusted_keys``, and the member names must equal
     the signed resource names with equal SHA-256 digests. Unlike model_signing, this ignores
-    the statement's ``ignore_paths``, so every member must be signed. Raises a SignatureError
-    subclass on any failure, and TypeError for arguments of the wrong Python type.
+    the statement's ``ignore_paths``, so every member must be signed. ``digests`` may hold the
+    SHA-256 hex of members the caller has already hashed; the others are hashed here. Raises a
+    SignatureError subclass on any failure, and TypeError for arguments of the wrong Python
+    type.
     """
     if not isinstance(signature, (bytes, bytearray)):
         raise TypeError(f"signature must be bytes, not {type(signature).__name__}")
@@ -334,7 +337,7 @@ def verify_members(
         )
     for index, key in enumerate(trusted_keys):
         _require_p256_public_key(key, f"trusted key #{index}")
-    digests = _member_digests(members)
+    digests = _member_digests(members, digests or {})
 
     envelope = _parse_bundle(bytes(signature))
     signer = _verify_envelope(envelope, trusted_keys)
@@ -578,7 +581,8 @@ def _compare_members(signed: Mapping[str, str], actual: Mapping[str, str]) -> No
 # Helpers
 
 
-def _member_digests(members: Mapping[str, bytes]) -> dict[str, str]:
+def _member_digests(members: Mapping[str, bytes],
+                    known: Mapping[str, str] | None = None) -> dict[str, str]:
     if not isinstance(members, Mapping):
         raise TypeError(f"members must be a mapping of name to bytes, not {type(members).__name__}")
     digests = {}
@@ -590,7 +594,8 @@ def _member_digests(members: Mapping[str, bytes]) -> dict[str, str]:
         problem = _member_name_problem(name)
         if problem:
             raise SignatureError(f"member name {name!r:.200} {problem}")
-        digests[name] = hashlib.sha256(data).hexdigest()
+        known_digest = (known or {}).get(name)
+        digests[name] = known_digest or hashlib.sha256(data).hexdigest()
     return digests
 
 

@@ -8,7 +8,6 @@ Failures map to two errors: ``TeacherUnavailable`` when the teacher cannot answe
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -55,6 +54,8 @@ class TeacherClient:
         # httpx is imported and the pool created on the first request, so a device whose first
         # answers are local does not pay for them at start-up.
         if self._client is None:
+            import socket
+
             import httpx
 
             timeout = httpx.Timeout(self._read_timeout, connect=self._connect_timeout)

@@ -97,6 +97,47 @@ def test_member_round_trip_default_segment_size(key):
     assert decrypt(encrypted, key) == data
 
 
+def test_member_digest_matches_plaintext(key):
+    data = payload(3 * SEGMENT + 5, seed=7)
+    digest = hashlib.sha256()
+
+    plaintext = enc.decrypt_member(encrypt(data, key), key, NAME, VERSION, MEMBER, digest=digest)
+
+    assert plaintext == data
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_member_digest_stops_on_failed_segment(key):
+    encrypted = encrypt(payload(3 * SEGMENT, seed=8), key)
+    tampered = dataclasses.replace(encrypted, ciphertext=flip_byte(encrypted.ciphertext, 1))
+    digest = hashlib.sha256()
+
+    with pytest.raises(DecryptionError, match="segment 0 of 3"):
+        enc.decrypt_member(tampered, key, NAME, VERSION, MEMBER, digest=digest)
+    # The worker thread has finished and hashed nothing from the failed segment on.
+    assert digest.hexdigest() == hashlib.sha256(b"").hexdigest()
+
+
+def test_member_read_only_view_not_copied(key):
+    header, ciphertext = header_of(key)
+    view = memoryview(ciphertext)
+
+    member = EncryptedMember.from_dict(header, view)
+
+    assert member.ciphertext is view
+
+
+def test_member_writable_buffer_copied(key):
+    header, ciphertext = header_of(key)
+    buffer = bytearray(ciphertext)
+
+    member = EncryptedMember.from_dict(header, memoryview(buffer))
+    buffer[0] ^= 0x01  # a change after the check must not reach the decrypted member
+
+    assert member.ciphertext == ciphertext
+    assert enc.decrypt_member(member, key, NAME, VERSION, MEMBER) == payload(3 * SEGMENT + 5)
+
+
 def test_member_ciphertext_hides_plaintext(key):
     data = b"A" * (4 * SEGMENT)
     encrypted = encrypt(data, key)
