@@ -1,4 +1,4 @@
-"""The ``edge-runtime`` command line: demo, ask, eval and gateway."""
+"""The ``edge-runtime`` command line: demo, ask, eval, gateway, api-key, keys and package."""
 
 from __future__ import annotations
 
@@ -120,15 +120,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(evaluate)
     _add_teacher_options(evaluate)
 
-    gateway = commands.add_parser("gateway", help="serve a teacher package over HTTP")
-    gateway.add_argument("--package", default=DEFAULT_TEACHER_PACKAGE,
-                         help="teacher package (default: %(default)s)")
-    gateway.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
-    gateway.add_argument("--port", type=port_number, default=8080,
-                         help="TCP port; 0 picks a free one (default: %(default)s)")
-    gateway.add_argument("--threads", type=positive_int, default=1,
-                         help="ONNX Runtime intra-op threads (default: %(default)s)")
-    add_trust_options(gateway, device=False)
+    gateway = commands.add_parser(
+        "gateway", help="serve a teacher over HTTP",
+        description="Serve a teacher over HTTP. Settings come from --config (see "
+                    "examples/gateway.toml), then EDGE_GATEWAY__SECTION__KEY environment "
+                    "variables, then the options below.")
+    gateway.add_argument("--config", metavar="TOML",
+                         help="gateway config file (default: built-in defaults: the onnx "
+                              f"teacher {DEFAULT_TEACHER_PACKAGE}, no API keys, in-memory "
+                              "rate limits)")
+    gateway.add_argument("--package", help="teacher package; sets teacher.package")
+    gateway.add_argument("--host", help="bind address; sets server.host (default 127.0.0.1)")
+    gateway.add_argument("--port", type=port_number,
+                         help="TCP port, 0 picks a free one; sets server.port (default 8080)")
+    gateway.add_argument("--threads", type=positive_int,
+                         help="ONNX Runtime intra-op threads; sets server.threads (default 1)")
+    gateway.add_argument("--signer-key", action="append", default=[], metavar="PEM",
+                         help="trusted signer public key of the teacher package; repeat for "
+                              "several; replaces teacher.signer_keys (default: the demo key)")
+    gateway.add_argument("--allow-unsigned", action="store_true",
+                         help="accept an unsigned teacher package (development only)")
+    gateway.add_argument("--no-rate-limit", action="store_true",
+                         help="turn rate limits off, for evaluation and load tests on loopback")
+
+    api_key = commands.add_parser("api-key", help="create API keys for gateway clients")
+    api_key_commands = api_key.add_subparsers(dest="api_key_command", required=True)
+    create = api_key_commands.add_parser(
+        "create", help="print a new API key once, and the [[keys]] entry for the config")
+    create.add_argument("--id", required=True, help="public key id, written to logs")
+    create.add_argument("--tenant", required=True, help="tenant the key belongs to")
+    create.add_argument("--tier", required=True, help="rate limit tier, defined in [tiers]")
+    create.add_argument("--config", metavar="TOML",
+                        help="check the tier and id against this gateway config")
 
     package_cli.add_commands(commands)
     return parser
@@ -217,12 +240,40 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_gateway(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from edge_runtime.gateway.config import GatewayConfig, load_gateway_config
     from edge_runtime.gateway.server import serve
 
-    # The gateway verifies the teacher's signature; its package is not encrypted.
-    trust = trust_from_args(args)
-    serve(args.package, host=args.host, port=args.port, threads=args.threads, trust=trust)
+    config = load_gateway_config(args.config) if args.config else GatewayConfig.default()
+    server = {name: getattr(args, name) for name in ("host", "port", "threads")
+              if getattr(args, name) is not None}
+    teacher: dict = {}
+    if args.package is not None:
+        teacher.update(backend="onnx", package=args.package)
+    if args.signer_key:
+        teacher["signer_keys"] = tuple(args.signer_key)
+    if args.allow_unsigned:
+        teacher["allow_unsigned"] = True
+    config = dataclasses.replace(
+        config,
+        server=dataclasses.replace(config.server, **server),
+        teacher=dataclasses.replace(config.teacher, **teacher),
+        rate_limit=dataclasses.replace(config.rate_limit,
+                                       enabled=config.rate_limit.enabled
+                                       and not args.no_rate_limit),
+    )
+    serve(config)
     return 0
+
+
+def run_api_key(args: argparse.Namespace) -> int:
+    from edge_runtime.gateway import keys as gateway_keys
+
+    argv = ["create", "--id", args.id, "--tenant", args.tenant, "--tier", args.tier]
+    if args.config:
+        argv += ["--config", args.config]
+    return gateway_keys.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     handlers = {"demo": run_demo, "ask": run_ask, "eval": run_eval, "gateway": run_gateway,
-                "keys": package_cli.run_keys, "package": package_cli.run_package}
+                "api-key": run_api_key, "keys": package_cli.run_keys,
+                "package": package_cli.run_package}
     try:
         return handlers[args.command](args)
     except (EdgeRuntimeError, OSError) as exc:

@@ -1,7 +1,13 @@
-"""Shared fixtures: the real data folder, a tiny CLINC150 build and gateways on loopback."""
+"""Shared fixtures: the real data folder, a tiny CLINC150 build, gateways and a Redis server
+on loopback."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +85,64 @@ def tiny_gateway(tiny_build: TinyBuild):
 
     with running_gateway(tiny_build.teacher_package, signer_keys=(str(SIGNER_PUBLIC),)) as gateway:
         yield gateway
+
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def free_loopback_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listened on when it was checked."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _redis_answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    """The URL of a redis-server child process on a free loopback port, without persistence.
+
+    Skips when redis-server is not installed, unless EDGE_RUNTIME_REQUIRE_REDIS=1, which turns
+    the skip into a failure for runs that must cover the Redis backend.
+    """
+    executable = REDIS_SERVER if os.access(REDIS_SERVER, os.X_OK) else shutil.which("redis-server")
+    if executable is None:
+        reason = f"redis-server not found at {REDIS_SERVER} or on PATH; install redis-server"
+        if os.environ.get("EDGE_RUNTIME_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{reason} (EDGE_RUNTIME_REQUIRE_REDIS=1 requires it)")
+        pytest.skip(reason)
+
+    workdir = tmp_path_factory.mktemp("redis")
+    port = free_loopback_port()
+    log_path = workdir / "redis.log"
+    server = subprocess.Popen(
+        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir), "--logfile", str(log_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10.0
+        while not _redis_answers_ping(port):
+            if server.poll() is not None:
+                pytest.fail(f"redis-server exited with code {server.returncode} before "
+                            f"answering PING; see {log_path}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"redis-server on port {port} did not answer PING within 10 s; "
+                            f"see {log_path}")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

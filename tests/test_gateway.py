@@ -5,10 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from edge_runtime.gateway.app import MAX_BODY_BYTES, MAX_TEXT_CHARS, TERMS_NOTICE
+from edge_runtime.gateway.app import TERMS_NOTICE
+from edge_runtime.gateway.config import LimitsConfig
 from edge_runtime.package import read_package
 
 pytestmark = pytest.mark.slow
+
+MAX_BODY_BYTES = LimitsConfig().max_body_bytes
+MAX_TEXT_CHARS = LimitsConfig().max_text_chars
 
 PROBLEM_TYPE = "application/problem+json"
 

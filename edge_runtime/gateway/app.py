@@ -2,39 +2,82 @@
 
 Endpoints:
 
-- ``POST /v1/predict`` with ``{"text": "..."}`` returns ``{"label", "request_id",
-  "model_version", "notice"}``: the top-1 label only, never scores or rankings.
-- ``GET /healthz`` returns ``{"status": "ok"}`` once the teacher is loaded.
+- ``POST /v1/predict`` with ``Authorization: Bearer <key>`` and ``{"text": "...", "tools":
+  [...]?}`` returns ``{"label" | "tool_call" | "text", "request_id", "model_version",
+  "notice"}``: the top-1 answer only, never scores, probabilities or rankings.
+- ``GET /healthz`` reports the teacher backend's and the rate limiter's state (503 when either
+  is down).
+- ``GET /metrics``: counters and histograms in the Prometheus text format.
 
-Every error is an RFC 9457 problem body (``application/problem+json``) with fixed text that does
-not echo the request; an unexpected exception is logged with its request id and returns 500
-without a stack trace.
+Order of the checks on ``/v1/predict``: the per-address rate limit (so that guessing keys is
+limited too), the API key, the per-key rate limit, the body size, the JSON and its fields,
+then the teacher. Every refusal is an RFC 9457 problem body (``application/problem+json``)
+with fixed text that names the field but never echoes the request; an unexpected exception is
+logged with its request id and returns 500 without a stack trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edge_runtime.model import OnnxClassifier
+from edge_runtime.gateway.backends import (
+    BackendRejected,
+    BackendUnavailable,
+    TeacherBackend,
+    TeacherReply,
+    ToolSpecError,
+    parse_tools,
+)
+from edge_runtime.gateway.config import GatewayConfig, LimitsConfig
+from edge_runtime.gateway.keys import ApiKeyRecord, ApiKeyStore, parse_authorization
+from edge_runtime.gateway.observability import METRICS_CONTENT_TYPE, GatewayMetrics
+from edge_runtime.gateway.ratelimit import (
+    Decision,
+    RateLimiter,
+    RateLimiterUnavailable,
+    RateLimitPolicy,
+    rate_limit_headers,
+    retry_after_header,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024  # bytes
-MAX_TEXT_CHARS = 2_000
 TERMS_NOTICE = (
     "Outputs of this service may not be used to train, distil or evaluate other models."
 )
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+# A request id sent by the client is kept only if it is short and plain, so it cannot forge
+# log lines or headers.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
+ANSWER_FIELDS = ("label", "tool_call", "text")
 
 
-def problem(status: int, title: str, detail: str, request_id: str) -> JSONResponse:
+class Refusal(Exception):
+    """A request the gateway refuses, with the status and problem text to send back."""
+
+    def __init__(self, status: int, title: str, detail: str,
+                 headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def problem(status: int, title: str, detail: str, request_id: str,
+            headers: dict[str, str] | None = None) -> JSONResponse:
     body = {
         "type": "about:blank",
         "title": title,
@@ -42,92 +85,269 @@ def problem(status: int, title: str, detail: str, request_id: str) -> JSONRespon
         "detail": detail,
         "request_id": request_id,
     }
-    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE,
+                        headers=headers)
 
 
-def create_app(teacher: OnnxClassifier) -> Starlette:
-    """Build the gateway application around a loaded teacher classifier."""
-    model_version = f"{teacher.package.manifest.name}@{teacher.package.manifest.version}"
+def create_app(
+    config: GatewayConfig,
+    backend: TeacherBackend,
+    limiter: RateLimiter | None,
+    model_version: str,
+    metrics: GatewayMetrics | None = None,
+) -> Starlette:
+    """Build the gateway around a teacher backend and a rate limiter (None: no limits).
+
+    ``model_version`` is reported with every answer (for example ``clinc150-teacher@3``).
+    The application closes the backend and the limiter when it shuts down.
+    """
+    metrics = metrics or GatewayMetrics()
+    keys = ApiKeyStore.from_config(config)
+    limits = config.limits
+    id_header = config.server.request_id_header
+    on_limiter_error = config.rate_limit.on_backend_error
+    address_policy = RateLimitPolicy("address", config.rate_limit.per_address.rate,
+                                     config.rate_limit.per_address.burst)
+    tier_policies = {name: RateLimitPolicy("key", tier.rate, tier.burst)
+                     for name, tier in config.tiers.items()}
+    if not config.auth_required:
+        log.warning("no API keys are configured, so the gateway accepts requests without "
+                    "one; add [[keys]] entries to the config before serving beyond this host")
+
+    async def check_rate(key: str, policy: RateLimitPolicy, decisions: list[Decision],
+                         request_id: str) -> None:
+        if limiter is None:
+            return
+        try:
+            decision = await limiter.hit(key, policy)
+        except RateLimiterUnavailable as exc:
+            action = "open" if on_limiter_error == "open" else "closed"
+            metrics.limiter_errors.labels(action=action).inc()
+            log.error("rate limiter unavailable, failing %s: %s", action, exc,
+                      extra={"request_id": request_id})
+            if action == "open":
+                return
+            raise Refusal(503, "Service unavailable",
+                          "The rate limiter is unavailable; retry later.",
+                          {"Retry-After": "1"}) from None
+        decisions.append(decision)
+        if not decision.allowed:
+            metrics.rate_limited.labels(policy=policy.name).inc()
+            raise Refusal(429, "Too many requests",
+                          f"The {policy.name} rate limit is exhausted; retry after the time "
+                          "in Retry-After.",
+                          {**rate_limit_headers(decisions),
+                           "Retry-After": retry_after_header(decisions)})
+
+    def authenticate(request: Request) -> ApiKeyRecord | None:
+        if not config.auth_required:
+            return None
+        header = request.headers.get("authorization")
+        presented = parse_authorization(header) if header is not None else None
+        if presented is None:
+            metrics.auth_failures.labels(reason="missing").inc()
+            raise Refusal(401, "Unauthorized",
+                          "Send an API key as 'Authorization: Bearer <key>'.",
+                          {"WWW-Authenticate": 'Bearer realm="edge-gateway"'})
+        record = keys.lookup(presented)
+        if record is None:
+            metrics.auth_failures.labels(reason="unknown").inc()
+            raise Refusal(401, "Unauthorized", "The API key is not valid.",
+                          {"WWW-Authenticate": 'Bearer realm="edge-gateway", '
+                                               'error="invalid_token"'})
+        return record
 
     async def predict(request: Request) -> Response:
-        request_id = uuid.uuid4().hex
-        body = await _read_body(request)
-        if body is None:
-            return problem(413, "Payload too large",
-                           f"The request body exceeds {MAX_BODY_BYTES} bytes.", request_id)
+        request_id = _request_id(request, id_header)
+        client = request.client.host if request.client else "unknown"
+        decisions: list[Decision] = []
+        record = None
         try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            return problem(400, "Invalid JSON", "The request body is not valid JSON.", request_id)
-        if not isinstance(payload, dict):
-            return problem(400, "Invalid request",
-                           "The request body must be a JSON object.", request_id)
-        text = payload.get("text")
-        if not isinstance(text, str):
-            return problem(400, "Invalid field 'text'",
-                           "Field 'text' is required and must be a string.", request_id)
-        if not text.strip():
-            return problem(400, "Invalid field 'text'",
-                           "Field 'text' must not be empty.", request_id)
-        if len(text) > MAX_TEXT_CHARS:
-            return problem(400, "Invalid field 'text'",
-                           f"Field 'text' exceeds {MAX_TEXT_CHARS} characters.", request_id)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return problem(400, "Invalid field 'text'",
-                           "Field 'text' contains an unpaired surrogate; send valid Unicode.",
-                           request_id)
-
-        prediction = await run_in_threadpool(teacher.predict, text)
-        label = teacher.labels[int(prediction.logits.argmax())]
-        log.info("predict request_id=%s chars=%d ms=%.2f", request_id, len(text),
-                 prediction.tokenize_ms + prediction.inference_ms)
-        return JSONResponse(
-            {
-                "label": label,
-                "request_id": request_id,
-                "model_version": model_version,
-                "notice": TERMS_NOTICE,
-            },
-            headers={"X-Terms-Notice": TERMS_NOTICE},
-        )
+            await check_rate(f"address:{client}", address_policy, decisions, request_id)
+            record = authenticate(request)
+            if record is not None:
+                await check_rate(f"key:{record.id}", tier_policies[record.tier], decisions,
+                                 request_id)
+            text, tools = await _read_query(request, limits)
+            reply = await backend.predict(text, tools, request_id)
+            body = _answer_body(reply, request_id, model_version)
+        except Refusal as refusal:
+            if refusal.status in (400, 413):
+                metrics.invalid_requests.labels(status=str(refusal.status)).inc()
+            headers = {**rate_limit_headers(decisions), **refusal.headers}
+            return problem(refusal.status, refusal.title, refusal.detail, request_id, headers)
+        except BackendUnavailable as exc:
+            metrics.backend_errors.labels(kind="unavailable").inc()
+            log.error("teacher backend unavailable: %s", exc, extra={"request_id": request_id})
+            return problem(503, "Teacher unavailable",
+                           "The teacher did not answer in time; retry later.", request_id,
+                           {**rate_limit_headers(decisions), "Retry-After": "1"})
+        except BackendRejected as exc:
+            metrics.backend_errors.labels(kind="rejected").inc()
+            log.error("teacher backend reply unusable: %s", exc,
+                      extra={"request_id": request_id})
+            return problem(503, "Teacher unavailable",
+                           "The teacher gave no usable answer; retry later.", request_id,
+                           {**rate_limit_headers(decisions), "Retry-After": "1"})
+        log.info("answered", extra={
+            "request_id": request_id, "key_id": record.id if record else None,
+            "tenant": record.tenant if record else None,
+            "answer": next(name for name in ANSWER_FIELDS if name in body)})
+        return JSONResponse(body, headers={**rate_limit_headers(decisions),
+                                           "X-Terms-Notice": TERMS_NOTICE})
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model_version": model_version})
+        backend_state = await backend.health()
+        limiter_ok = await limiter.ping() if limiter is not None else True
+        metrics.backend_up.set(1 if backend_state.get("status") == "ok" else 0)
+        healthy = backend_state.get("status") == "ok" and limiter_ok
+        body = {
+            "status": "ok" if healthy else "unavailable",
+            "model_version": model_version,
+            "backend": backend_state,
+            "rate_limiter": {"backend": limiter.backend if limiter is not None else "off",
+                             "status": "ok" if limiter_ok else "unavailable"},
+        }
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return problem(404, "Not found", "No such endpoint.", uuid.uuid4().hex)
+        return problem(404, "Not found", "No such endpoint.", _request_id(request, id_header))
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
         return problem(405, "Method not allowed", "This endpoint does not accept that method.",
-                       uuid.uuid4().hex)
+                       _request_id(request, id_header))
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        request_id = uuid.uuid4().hex
-        log.exception("unhandled error request_id=%s", request_id)
+        request_id = _request_id(request, id_header)
+        log.exception("unhandled error", extra={"request_id": request_id})
         return problem(500, "Internal error", "The server failed to process the request.",
                        request_id)
 
-    return Starlette(
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await backend.close()
+            if limiter is not None:
+                await limiter.close()
+
+    app = Starlette(
+        lifespan=lifespan,
         routes=[
-            Route("/v1/predict", predict, methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
+            Route("/v1/predict", _timed(predict, "/v1/predict", metrics, id_header),
+                  methods=["POST"]),
+            Route("/healthz", _timed(healthz, "/healthz", metrics, id_header), methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error},
     )
+    app.state.metrics = metrics
+    app.state.request_id_header = id_header
+    return app
 
 
-async def _read_body(request: Request) -> bytes | None:
-    """Read the body, stopping early; None when it exceeds MAX_BODY_BYTES."""
+def _timed(handler: Callable[[Request], Awaitable[Response]], route: str,
+           metrics: GatewayMetrics, id_header: str) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a handler so that its status and duration reach the metrics, and its response
+    carries the request id."""
+
+    async def wrapper(request: Request) -> Response:
+        started = time.perf_counter()
+        response = await handler(request)
+        response.headers[id_header] = _request_id(request, id_header)
+        metrics.observe(route, response.status_code, time.perf_counter() - started)
+        return response
+
+    return wrapper
+
+
+def _request_id(request: Request, header: str) -> str:
+    cached = request.scope.get("edge_request_id")
+    if cached is None:
+        offered = request.headers.get(header, "")
+        cached = offered if _CLIENT_REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        request.scope["edge_request_id"] = cached
+    return cached
+
+
+async def _read_query(request: Request, limits: LimitsConfig
+                      ) -> tuple[str, list[Any] | None]:
+    body = await _read_body(request, limits.max_body_bytes)
+    if body is None:
+        raise Refusal(413, "Payload too large",
+                      f"The request body exceeds {limits.max_body_bytes} bytes.")
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise Refusal(400, "Invalid JSON", "The request body is not valid JSON.") from None
+    if not isinstance(payload, dict):
+        raise Refusal(400, "Invalid request", "The request body must be a JSON object.")
+    if set(payload) - {"text", "tools"}:
+        raise Refusal(400, "Invalid request",
+                      "The body has fields other than 'text' and 'tools'; send only those.")
+    text = payload.get("text")
+    if not isinstance(text, str):
+        raise Refusal(400, "Invalid field 'text'",
+                      "Field 'text' is required and must be a string.")
+    if not text.strip():
+        raise Refusal(400, "Invalid field 'text'", "Field 'text' must not be empty.")
+    if len(text) > limits.max_text_chars:
+        raise Refusal(400, "Invalid field 'text'",
+                      f"Field 'text' exceeds {limits.max_text_chars} characters.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refusal(400, "Invalid field 'text'",
+                      "Field 'text' contains an unpaired surrogate; send valid Unicode.") from None
+    tools = payload.get("tools")
+    if tools is None:
+        return text, None
+    if not isinstance(tools, list):
+        raise Refusal(400, "Invalid field 'tools'", "Field 'tools' must be a JSON array.")
+    if len(tools) > limits.max_tools:
+        raise Refusal(400, "Invalid field 'tools'",
+                      f"Field 'tools' has more than {limits.max_tools} tools.")
+    for index, tool in enumerate(tools):
+        size = len(json.dumps(tool, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        if size > limits.max_tool_bytes:
+            raise Refusal(400, f"Invalid field 'tools[{index}]'",
+                          f"Field 'tools[{index}]' exceeds {limits.max_tool_bytes} bytes.")
+    try:
+        parsed = parse_tools(tools)
+    except ToolSpecError as exc:
+        field = str(exc).split(" ", 1)[0]
+        raise Refusal(400, f"Invalid field '{field}'", f"{exc}.") from None
+    return text, parsed or None
+
+
+def _answer_body(reply: TeacherReply, request_id: str, model_version: str) -> dict[str, Any]:
+    """Keep only the answer the backend chose, with the request id, version and terms."""
+    body: dict[str, Any] = {}
+    if reply.label is not None:
+        body["label"] = reply.label
+    elif reply.tool_call is not None:
+        body["tool_call"] = {"name": reply.tool_call["name"],
+                             "arguments": reply.tool_call["arguments"]}
+    else:
+        body["text"] = reply.text
+    body.update(request_id=request_id, model_version=model_version, notice=TERMS_NOTICE)
+    return body
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """Read the body, stopping early; None when it exceeds ``limit`` bytes."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         return None
     chunks = []
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
-        if received > MAX_BODY_BYTES:
+        if received > limit:
             return None
         chunks.append(chunk)
     return b"".join(chunks)

@@ -16,14 +16,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from edge_runtime.errors import ConfigError, TeacherUnavailable
-from edge_runtime.package import TrustPolicy
+from edge_runtime.gateway.config import GatewayConfig
+from edge_runtime.package import TrustPolicy, inspect_package, read_package
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +34,63 @@ DEFAULT_STARTUP_TIMEOUT = 60.0  # seconds
 DEFAULT_TEACHER_PACKAGE = "models/clinc150-teacher.edgepkg"
 
 
-def serve(package_path: str, host: str = "127.0.0.1", port: int = 8080, threads: int = 1,
-          trust: TrustPolicy | None = None) -> None:
-    """Verify and load the teacher package, then serve it until interrupted."""
+def build_gateway(config: GatewayConfig, trust: TrustPolicy | None = None,
+                  environ: Mapping[str, str] = os.environ):
+    """Create the teacher backend, the rate limiter and the application that ``config``
+    describes. ``trust`` verifies teacher packages; by default it trusts the config's
+    ``teacher.signer_keys``."""
+    from edge_runtime.gateway.app import create_app
+    from edge_runtime.gateway.backends import OnnxTeacherBackend, OpenAIChatBackend
+    from edge_runtime.gateway.ratelimit import create_rate_limiter
+
+    teacher = config.teacher
+    trust = trust if trust is not None else _config_trust(config)
+    if teacher.backend == "onnx":
+        from edge_runtime.model import OnnxClassifier
+
+        # The unverified manifest gives a clear message for a student package, which is
+        # encrypted for devices; the verified one below is what counts.
+        _check_teacher_role(inspect_package(teacher.package)["manifest"], teacher.package)
+        classifier = OnnxClassifier.from_file(teacher.package, threads=config.server.threads,
+                                              trust=trust)
+        manifest = classifier.package.manifest
+        _check_teacher_role(manifest.raw, teacher.package)
+        backend = OnnxTeacherBackend(classifier)
+        model_version = f"{manifest.name}@{manifest.version}"
+    else:
+        labels = None
+        if teacher.labels_from is not None:
+            labels = read_package(teacher.labels_from, trust).manifest.labels
+        backend = OpenAIChatBackend(
+            teacher.base_url, teacher.model, api_key=teacher.read_api_key(environ),
+            connect_timeout=teacher.connect_timeout, read_timeout=teacher.read_timeout,
+            max_output_chars=config.limits.max_output_chars,
+            max_list_items=config.limits.max_list_items, labels=labels,
+            system_prompt=teacher.system_prompt,
+        )
+        model_version = teacher.model
+    if config.rate_limit.enabled:
+        limiter = create_rate_limiter(config.rate_limit.backend, config.rate_limit.redis_url)
+    else:
+        log.warning("rate limiting is off ([rate_limit] enabled = false); use this only for "
+                    "load tests and evaluation on loopback")
+        limiter = None
+    return create_app(config, backend, limiter, model_version)
+
+
+def serve(config: GatewayConfig, trust: TrustPolicy | None = None) -> None:
+    """Build the gateway from ``config`` and serve it until interrupted."""
     try:
         import uvicorn
     except ImportError:
         raise ConfigError(
             "the gateway needs the 'gateway' extra: pip install 'edge-runtime[gateway]'"
         ) from None
-    from edge_runtime.gateway.app import create_app
-    from edge_runtime.model import OnnxClassifier
+    from edge_runtime.gateway.observability import configure_logging
 
-    teacher = OnnxClassifier.from_file(package_path, threads=threads,
-                                       trust=trust if trust is not None else TrustPolicy())
-    role = teacher.package.manifest.raw.get("model", {}).get("role")
-    if role != "teacher":
-        raise ConfigError(
-            f"{package_path} is a {role or 'unlabelled'} package, not a teacher; serve the "
-            "teacher package (for example models/clinc150-teacher.edgepkg)"
-        )
-    app = create_app(teacher)
+    configure_logging(config.server.log_format)
+    app = build_gateway(config, trust)
+    host, port = config.server.host, config.server.port
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # asyncio turns Nagle's algorithm off only on sockets whose proto is IPPROTO_TCP; with
@@ -65,15 +103,34 @@ def serve(package_path: str, host: str = "127.0.0.1", port: int = 8080, threads:
         sock.bind((host, port))
     except (OSError, OverflowError) as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc}; choose another --host or "
-                          "--port (0 picks a free port)") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}; choose another host or "
+                          "port (0 picks a free port)") from None
     bound_host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
+    uvicorn_config = uvicorn.Config(app, log_level="warning", access_log=False,
+                                    log_config=None)
+    server = uvicorn.Server(uvicorn_config)
     print(f"gateway listening on http://{shown_host}:{bound_port}", flush=True)
     server.run(sockets=[sock])
+
+
+def _check_teacher_role(manifest: Any, path: str) -> None:
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    role = model.get("role") if isinstance(model, dict) else None
+    if role != "teacher":
+        raise ConfigError(
+            f"{path} is a {role or 'unlabelled'} package, not a teacher; serve the teacher "
+            "package (for example models/clinc150-teacher.edgepkg)"
+        )
+
+
+def _config_trust(config: GatewayConfig) -> TrustPolicy:
+    from edge_runtime.keys import FileKeyProvider
+
+    provider = FileKeyProvider(signer_public_keys=tuple(config.teacher.signer_keys))
+    return TrustPolicy(trusted_keys=tuple(provider.trusted_signer_keys()),
+                       allow_unsigned=config.teacher.allow_unsigned)
 
 
 @dataclass
@@ -102,26 +159,36 @@ class GatewayProcess:
 
 
 def start_gateway(
-    package_path: str | Path = DEFAULT_TEACHER_PACKAGE,
+    package_path: str | Path | None = DEFAULT_TEACHER_PACKAGE,
     host: str = "127.0.0.1",
     port: int = 0,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
     signer_keys: tuple[str, ...] = (),
+    config: str | Path | None = None,
+    rate_limit: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> GatewayProcess:
     """Start ``edge-runtime gateway`` as a child process and wait until /healthz answers.
 
     ``signer_keys`` are public key files the child verifies the teacher package with; without
-    them it uses its defaults (EDGE_RUNTIME_SIGNER_KEY, then the demo key).
+    them it uses the config's (by default the demo key). ``config`` is a gateway TOML file;
+    ``package_path`` (when not None), ``host`` and ``port`` override it. Rate limits stay off
+    unless ``rate_limit`` is true, because this serves evaluation on loopback. ``env`` adds
+    environment variables for the child.
     """
-    if not Path(package_path).is_file():
-        raise ConfigError(f"teacher package not found: {package_path}")
-    command = [
-        sys.executable, "-m", "edge_runtime", "gateway",
-        "--package", str(package_path), "--host", host, "--port", str(port),
-    ]
+    command = [sys.executable, "-m", "edge_runtime", "gateway", "--host", host,
+               "--port", str(port)]
+    if package_path is not None:
+        if not Path(package_path).is_file():
+            raise ConfigError(f"teacher package not found: {package_path}")
+        command += ["--package", str(package_path)]
+    if config is not None:
+        command += ["--config", str(config)]
+    if not rate_limit:
+        command.append("--no-rate-limit")
     for key in signer_keys:
         command += ["--signer-key", str(key)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
@@ -164,7 +231,7 @@ def start_gateway(
 
 @contextlib.contextmanager
 def running_gateway(
-    package_path: str | Path = DEFAULT_TEACHER_PACKAGE, **kwargs
+    package_path: str | Path | None = DEFAULT_TEACHER_PACKAGE, **kwargs
 ) -> Iterator[GatewayProcess]:
     """Context manager form of ``start_gateway`` that always stops the child."""
     gateway = start_gateway(package_path, **kwargs)
