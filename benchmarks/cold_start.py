@@ -12,11 +12,11 @@ variant, so the two variants load byte-identical files.
 Each measurement is a fresh child process, this script in child mode, timed from just before
 the spawn to the moment the parent reads the child's answer line. Process exit is not timed.
 
-- ``edge``: what an app does: import ``edge_runtime`` (its light modules), load the signer
-  public key and the device private key, ``EdgeRuntime.load`` (signature, digests, expiry,
-  rollback, unwrap and decrypt in memory, while a second thread imports numpy, onnxruntime
-  and tokenizers; then the tokenizer, the InferenceSession from bytes and the golden checks),
-  then the first ``EdgeRuntime.answer`` with no teacher.
+- ``edge``: what an app does: import ``edge_runtime`` (with numpy, onnxruntime, tokenizers
+  and cryptography), load the signer public key and the device private key,
+  ``EdgeRuntime.load`` (signature, digests, expiry, rollback, unwrap and decrypt in memory,
+  then the tokenizer, the InferenceSession from bytes and the golden checks), then the first
+  ``EdgeRuntime.answer`` with no teacher.
 - ``plain``: import numpy, onnxruntime and tokenizers, read the labels, load tokenizer.json
   and create an InferenceSession from the plaintext .onnx path, then tokenize, run and take the
   argmax.
@@ -26,14 +26,12 @@ tokenizer settings. The variants are interleaved, and which one goes first alter
 a change in machine load hits both alike. Each child also reports its own breakdown in milliseconds:
 
 - ``startup``: spawn to the child's first statement (interpreter start).
-- ``import``: the modules each variant imports before its first call. For edge these are the
-  light ones (edge_runtime, cryptography); for plain, numpy, onnxruntime and tokenizers.
+- ``import``: the libraries each variant needs (edge_runtime adds cryptography and its own
+  modules to numpy, onnxruntime and tokenizers).
 - ``keys`` (edge): load the signer public key and the device private key.
 - ``read_verify``: edge reads the archive and checks signature, digests, expiry and rollback.
   Plain reads only the small labels file.
 - ``decrypt`` (edge): unwrap the content key and decrypt the model in memory.
-- ``wait_imports`` (edge): the time ``EdgeRuntime.load`` waits, after decrypting, for the
-  thread that imports numpy, onnxruntime and tokenizers; 0 when they were ready first.
 - ``session``: load the tokenizer and create the InferenceSession. Plain reads the .onnx file
   here, while edge already holds the bytes.
 - ``golden`` (edge): run the manifest's golden inputs.
@@ -64,8 +62,8 @@ import time
 DEFAULT_QUERY = "what's the weather going to be like in boston tomorrow"
 CHILD_FLAG = "--child"
 VARIANTS = ("edge", "plain")
-STAGES = ("startup", "import", "keys", "read_verify", "decrypt", "wait_imports", "session",
-          "golden", "first_answer", "child_total", "wall")
+STAGES = ("startup", "import", "keys", "read_verify", "decrypt", "session", "golden",
+          "first_answer", "child_total", "wall")
 
 
 SHARED_CLOCK = hasattr(time, "clock_gettime") and hasattr(time, "CLOCK_MONOTONIC")
@@ -133,13 +131,11 @@ def run_edge_child(spec: dict) -> dict:
     stamps["answered"] = now_ms()
 
     read, decrypted, golden = (sum(spans[name]) for name in ("read", "decrypt", "golden"))
-    read_done = stamps["keys"] + read
     breakdown = {
         "import": stamps["imported"] - stamps["entry"],
         "keys": stamps["keys"] - stamps["imported"],
         "read_verify": read - decrypted,
         "decrypt": decrypted,
-        "wait_imports": init_started[0] - read_done,
         "session": stamps["runtime"] - init_started[0] - golden,
         "golden": golden,
         "first_answer": stamps["answered"] - stamps["runtime"],

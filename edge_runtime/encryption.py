@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import logging
 import os
 import queue
@@ -260,6 +261,64 @@ def decrypt_member(
     plaintext in a worker thread while the next segment decrypts: both release the GIL, so
     hashing a large model adds little time on a multi-core CPU.
     """
+    aead, aad = _open_member(encrypted, content_key, package_name, version, member)
+    source = memoryview(_require_bytes_like(encrypted.ciphertext, "ciphertext",
+                                            DecryptionError))
+    # The plaintext is decrypted straight into the bytes object that is returned: a BytesIO
+    # that is the only owner of its initial bytes lends that object's memory out through
+    # getbuffer() and hands the same object back from getvalue() once no view is left. A
+    # 16 MB model then costs one allocation instead of a chunk per segment and a joined copy.
+    # On an interpreter without that behaviour, getvalue() copies and the result is the same.
+    output = io.BytesIO(bytes(encrypted.plaintext_size))
+    target = output.getbuffer()
+    try:
+        _decrypt_segments(encrypted, aead, aad, member, source, 0, target, None, digest)
+    finally:
+        target.release()
+        source.release()
+    # NOTE: plaintext in Python bytes cannot be wiped, so it stays in memory until the garbage
+    # collector frees it.
+    return output.getvalue()
+
+
+def decrypt_member_in_place(
+    encrypted: EncryptedMember,
+    content_key: bytes,
+    package_name: str,
+    version: int,
+    member: str,
+    buffer: memoryview,
+    offset: int,
+    digest: Any = None,
+) -> None:
+    """Decrypt a member whose ciphertext lies in ``buffer`` at ``offset``, writing the
+    plaintext over ``buffer[:encrypted.plaintext_size]``.
+
+    Same checks and errors as ``decrypt_member``. Each segment is decrypted into a scratch
+    segment and then moved down; a plaintext segment ends before the next ciphertext segment
+    starts, so nothing is overwritten before it is read. A package reader uses this to turn
+    the archive it read into the model's bytes without a second model-sized allocation. When
+    this raises, the start of ``buffer`` holds partial plaintext and the ciphertext is lost.
+    """
+    aead, aad = _open_member(encrypted, content_key, package_name, version, member)
+    size = len(encrypted.ciphertext)
+    if not isinstance(buffer, memoryview) or buffer.readonly or offset < 0 \
+            or offset + size > len(buffer):
+        raise DecryptionError(
+            f"member {member!r}: the ciphertext must lie inside a writable buffer; got offset "
+            f"{offset} and {size} bytes for a buffer of "
+            f"{len(buffer) if isinstance(buffer, memoryview) else type(buffer).__name__}"
+        )
+    scratch = memoryview(bytearray(encrypted.segment_size))
+    try:
+        _decrypt_segments(encrypted, aead, aad, member, buffer, offset, buffer, scratch, digest)
+    finally:
+        scratch.release()
+
+
+def _open_member(encrypted: EncryptedMember, content_key: bytes, package_name: str,
+                 version: int, member: str) -> tuple[AESGCM, bytes]:
+    """Check the key, the header and the ciphertext length; return the cipher and the AAD."""
     source = f"member {member!r}"
     aead = AESGCM(_check_content_key(content_key, DecryptionError))
     _check_member_header(encrypted, source, DecryptionError)
@@ -281,33 +340,52 @@ def decrypt_member(
         encrypted.plaintext_size,
         DecryptionError,
     )
+    return aead, aad
 
+
+def _decrypt_segments(encrypted: EncryptedMember, aead: AESGCM, aad: bytes, member: str,
+                      source: memoryview, offset: int, target: memoryview,
+                      scratch: memoryview | None, digest: Any) -> None:
+    """Decrypt segment by segment from ``source[offset:]`` into ``target[:plaintext_size]``.
+
+    Without ``scratch``, each segment decrypts straight into ``target``; with it, into
+    ``scratch`` first and is then copied, which lets ``target`` and ``source`` share memory.
+    """
+    count = encrypted.segment_count
     stride = encrypted.segment_size + GCM_TAG_BYTES
-    view = memoryview(ciphertext)
-    chunks = []
+    size = encrypted.segment_size
+    end = offset + encrypted.plaintext_size + GCM_TAG_BYTES * count
     hashing = _DigestWorker(digest) if digest is not None else None
+    views: list[memoryview] = []
     try:
         for index in range(count):
-            last = index == count - 1
-            nonce = _segment_nonce(encrypted.nonce_prefix, index, last)
+            nonce = _segment_nonce(encrypted.nonce_prefix, index, last=index == count - 1)
+            segment = source[offset + index * stride : min(offset + (index + 1) * stride, end)]
+            length = len(segment) - GCM_TAG_BYTES
+            plain = target[index * size : index * size + length]
+            views += (segment, plain)
+            into = plain if scratch is None else scratch[:length]
             try:
-                chunk = aead.decrypt(nonce, view[index * stride : (index + 1) * stride], aad)
+                aead.decrypt_into(nonce, segment, aad, into)
             except InvalidTag:
                 raise DecryptionError(
-                    f"{source}: segment {index} of {count} failed AES-256-GCM authentication; "
-                    "the ciphertext or header was modified, segments were reordered or "
-                    "truncated, or the content key, package name, version or member name "
-                    "differs from encryption"
+                    f"member {member!r}: segment {index} of {count} failed AES-256-GCM "
+                    "authentication; the ciphertext or header was modified, segments were "
+                    "reordered or truncated, or the content key, package name, version or "
+                    "member name differs from encryption"
                 ) from None
-            chunks.append(chunk)
+            if scratch is not None:
+                plain[:] = into
+                into.release()
             if hashing is not None:
-                hashing.feed(chunk)
+                hashing.feed(plain)
     finally:
         if hashing is not None:
             hashing.finish()
-    # One copy into the returned bytes. NOTE: plaintext in Python bytes cannot be wiped, so
-    # it stays in memory until the garbage collector frees it.
-    return b"".join(chunks)
+        # No view of the buffers may outlive this call: getvalue() and truncate() of a
+        # BytesIO copy or fail while one exists.
+        for view in views:
+            view.release()
 
 
 class _DigestWorker:

@@ -13,29 +13,22 @@ student's probabilities are attached only when the runtime was created with ``de
 
 from __future__ import annotations
 
-import importlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from edge_runtime.errors import ConfigError, PackageError, TeacherError, TeacherRejected
+from edge_runtime.gate import ConfidenceGate, softmax
+from edge_runtime.model import DEFAULT_THREADS, OnnxClassifier
 from edge_runtime.package import ModelPackage, TrustPolicy, read_package
 from edge_runtime.teacher_client import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
     TeacherClient,
 )
-
-if TYPE_CHECKING:  # pragma: no cover - annotations only
-    import numpy as np
-
-# numpy, onnxruntime and tokenizers take most of a cold start's import time, so this module
-# does not import them (nor edge_runtime.model and edge_runtime.gate, which do) until a
-# runtime is created. EdgeRuntime.load imports them in a thread while it verifies and decrypts.
-MODEL_DEPENDENCIES = ("numpy", "onnxruntime", "tokenizers")
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +63,15 @@ class EdgeRuntime:
         self,
         package: ModelPackage,
         teacher: TeacherClient | None = None,
-        threads: int | None = None,
+        threads: int = DEFAULT_THREADS,
         debug: bool = False,
     ):
-        from edge_runtime.gate import ConfidenceGate
-        from edge_runtime.model import DEFAULT_THREADS, OnnxClassifier
-
         if package.manifest.gate is None:
             raise PackageError(
                 f"{package.path} has no confidence gate in its manifest; a student package is "
                 "needed (teacher packages are served by the gateway)"
             )
-        self.student = OnnxClassifier(package,
-                                      threads=DEFAULT_THREADS if threads is None else threads)
+        self.student = OnnxClassifier(package, threads=threads)
         self._label_set = frozenset(self.student.labels)
         self.gate = ConfidenceGate(package.manifest.gate)
         self.teacher = teacher
@@ -103,14 +92,24 @@ class EdgeRuntime:
         return not self.golden_failures
 
     def _check_golden(self, golden: list) -> list[str]:
-        """Run the manifest's golden inputs; return a description of each mismatch."""
+        """Run the manifest's golden inputs; return a description of each mismatch.
+
+        They run as one batch. The builder picks the inputs with the widest top-1 margin, so
+        the small numeric difference between a padded batch and single queries cannot change
+        their labels, while a CPU whose kernels compute wrongly would.
+        """
         failures = []
+        entries = []
         for item in golden:
-            if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                entries.append(item)
+            else:
                 failures.append(f"malformed golden entry {item!r:.80}")
-                continue
-            logits = self.student.predict(item["text"]).logits
-            label = self.student.labels[int(logits.argmax())]
+        if not entries:
+            return failures
+        logits = self.student.predict_batch([item["text"] for item in entries])
+        for item, row in zip(entries, logits, strict=True):
+            label = self.student.labels[int(row.argmax())]
             if label != item.get("label"):
                 failures.append(f"{item['text']!r}: expected {item.get('label')!r}, got {label!r}")
         return failures
@@ -123,26 +122,17 @@ class EdgeRuntime:
         api_key: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
-        threads: int | None = None,
+        threads: int = DEFAULT_THREADS,
         debug: bool = False,
         trust: TrustPolicy | None = None,
     ) -> EdgeRuntime:
         """Verify and decrypt the package at ``package_path`` in memory, then create the
-        session (``threads`` intra-op threads, default 1); escalate to ``teacher_url`` if given.
+        session; escalate to ``teacher_url`` if given.
 
         ``trust`` holds the trusted signer keys, the device key and the rollback state. The
         default, ``TrustPolicy()``, trusts no signer, so a device must say whom it trusts.
-
-        While this thread reads, verifies and decrypts the package, a second thread imports
-        numpy, onnxruntime and tokenizers, so the two overlap on a multi-core CPU.
         """
-        importer = threading.Thread(target=_import_model_dependencies,
-                                    name="edge-runtime-imports", daemon=True)
-        importer.start()
-        try:
-            package = read_package(package_path, trust if trust is not None else TrustPolicy())
-        finally:
-            importer.join()
+        package = read_package(package_path, trust if trust is not None else TrustPolicy())
         teacher = None
         if teacher_url:
             teacher = TeacherClient(
@@ -221,8 +211,6 @@ class EdgeRuntime:
     def _debug_info(self, logits: np.ndarray, score: float | None) -> dict[str, object] | None:
         if not self.debug:
             return None
-        from edge_runtime.gate import softmax
-
         probabilities = softmax(logits, self.gate.temperature).round(6).tolist()
         return {
             "score": score,
@@ -239,13 +227,3 @@ class EdgeRuntime:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _import_model_dependencies() -> None:
-    """Import the model's libraries ahead of use. A failure is left for the import in
-    EdgeRuntime.__init__ to raise in the caller's thread."""
-    for name in MODEL_DEPENDENCIES:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - re-raised by the same import in the caller's thread
-            return

@@ -1259,3 +1259,88 @@ def test_sign_archive_rejects_tampered(keys: Keys, tmp_path: Path):
     with pytest.raises(PackageError, match="model.onnx"):
         sign_archive(data, tmp_path / "signed.edgepkg", keys.signer)
     assert not (tmp_path / "signed.edgepkg").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decryption in place: a package read from a file becomes the model's bytes without a copy
+# ---------------------------------------------------------------------------------------------
+
+# Three segments of 1 KiB and a partial one, so that moving plaintext segments down over the
+# archive is exercised across segment boundaries.
+IN_PLACE_MODEL = bytes((index * 7 + 3) % 251 for index in range(3 * 1024 + 100))
+
+
+def write_segmented(path: Path, keys: Keys) -> Path:
+    return write_package(path, base_manifest(), {**MEMBERS, "model.onnx": IN_PLACE_MODEL},
+                         signer_key=keys.signer, recipients=[keys.device_public],
+                         segment_size=1024)
+
+
+def test_in_place_from_file_matches_bytes_read(keys: Keys, strict: TrustPolicy, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture):
+    path = write_segmented(tmp_path / "p.edgepkg", keys)
+    caplog.set_level(logging.DEBUG, logger="edge_runtime.package")
+
+    from_file = read_package(path, strict)
+    from_bytes = read_package(path.read_bytes(), strict)
+
+    assert from_file.members == from_bytes.members
+    assert from_file.model_bytes == IN_PLACE_MODEL
+    assert from_file.members["tokenizer.json"] == TOKENIZER
+    # No view of the archive outlived the decryption, so the model was not copied.
+    assert "outlived" not in caplog.text
+
+
+@pytest.mark.parametrize("segment", [0, 1, 2, 3])
+def test_in_place_tampered_segment_rejected(keys: Keys, tmp_path: Path, segment: int):
+    original = write_segmented(tmp_path / "p.edgepkg", keys).read_bytes()
+    # The manifest's digest is rewritten and the signature dropped, so that only AES-GCM,
+    # during the decryption over the archive, can notice the changed segment.
+    tampered = tmp_path / "tampered.edgepkg"
+    tampered.write_bytes(flip_in_member(original, "model.onnx", segment * (1024 + 16) + 5))
+    unsigned = TrustPolicy(device_key=keys.device, allow_unsigned=True)
+
+    with pytest.raises(DecryptionError, match=f"segment {segment} of 4"):
+        read_package(tampered, unsigned)
+
+
+def flip_in_member(data: bytes, name: str, offset: int) -> bytes:
+    """Rebuild an archive with one bit of ``name`` flipped at ``offset``, its manifest digest
+    and size updated, and no signature."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        contents = {info.filename: archive.read(info) for info in archive.infolist()}
+    changed = bytearray(contents[name])
+    changed[offset] ^= 0x40
+    contents[name] = bytes(changed)
+    manifest = json.loads(contents["manifest.json"])
+    manifest["members"][name] = {"sha256": hashlib.sha256(contents[name]).hexdigest(),
+                                 "size": len(contents[name])}
+    contents["manifest.json"] = json.dumps(manifest).encode("utf-8")
+    contents.pop("model.sig", None)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
+        for member, blob in contents.items():
+            archive.writestr(member, blob)
+    return out.getvalue()
+
+
+def test_flips_read_from_file_match_flips_read_from_bytes(sealed_bytes: bytes,
+                                                          strict: TrustPolicy, tmp_path: Path):
+    # A file is read into memory the reader owns and decrypted in place; bytes are not. Every
+    # single-byte flip must get the same verdict either way.
+    path = tmp_path / "flipped.edgepkg"
+    differences = []
+    for offset in range(len(sealed_bytes)):
+        mutated = bytearray(sealed_bytes)
+        mutated[offset] ^= 0x01
+        path.write_bytes(mutated)
+        verdicts = []
+        for source in (bytes(mutated), path):
+            try:
+                verdicts.append(read_package(source, strict).members)
+            except PackageError as exc:
+                verdicts.append(type(exc).__name__)
+        if verdicts[0] != verdicts[1]:
+            differences.append((offset, verdicts))
+
+    assert differences == []

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import subprocess
-import sys
-import threading
 import zipfile
 
 import pytest
 
-import edge_runtime.runtime as runtime_module
 from edge_runtime import (
     SOURCE_LOCAL,
     SOURCE_LOCAL_OFFLINE,
@@ -23,7 +18,7 @@ from edge_runtime import (
 from edge_runtime.data import load_split
 from edge_runtime.gateway.server import start_gateway
 from edge_runtime.package import read_package, write_package
-from tests.conftest import CLINC150_DIR, ROOT, SIGNER_PUBLIC, demo_trust
+from tests.conftest import CLINC150_DIR, SIGNER_PUBLIC, demo_trust
 
 pytestmark = pytest.mark.slow
 
@@ -52,31 +47,6 @@ def test_answer_hides_scores_by_default(tiny_build):
     assert answer.debug is None
     assert "teacher" not in answer.timings_ms
     assert answer.timings_ms["total"] >= answer.timings_ms["student"]
-
-
-def test_load_joins_import_thread(tiny_build):
-    with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust()) as runtime:
-        assert runtime.answer("set an alarm for seven").label == "alarm"
-    assert not any(t.name == "edge-runtime-imports" for t in threading.enumerate())
-
-
-def test_import_thread_leaves_failures_to_caller(monkeypatch):
-    monkeypatch.setattr(runtime_module, "MODEL_DEPENDENCIES", ("json", "no_such_module_x1"))
-
-    runtime_module._import_model_dependencies()  # returns without raising
-
-    with pytest.raises(ImportError):
-        importlib.import_module("no_such_module_x1")
-
-
-def test_light_import_leaves_model_libraries_out():
-    # A cold start imports onnxruntime in a thread while it verifies and decrypts, which only
-    # helps if importing the runtime module does not import it first.
-    code = ("import sys, edge_runtime.runtime; "
-            "print(sorted(m for m in ('numpy', 'onnxruntime', 'tokenizers') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, cwd=ROOT)
-    assert result.stdout.strip() == "[]"
 
 
 def test_no_teacher_answers_offline(tiny_build, queries):
