@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -173,7 +174,8 @@ def _teacher_url(args: argparse.Namespace) -> Iterator[str]:
 
 def run_demo(args: argparse.Namespace) -> int:
     with _teacher_url(args) as url:
-        with EdgeRuntime.load(args.package, teacher_url=url, threads=args.threads,
+        with EdgeRuntime.load(args.package, teacher_url=url, api_key=teacher_api_key(),
+                              threads=args.threads,
                               read_timeout=args.timeout, trust=trust_from_args(args)) as runtime:
             runtime.answer(DEMO_QUERIES[0])  # warm-up, not shown
             runtime.teacher.healthy()  # opens the connection, so no row pays for it
@@ -197,7 +199,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    with EdgeRuntime.load(args.package, teacher_url=args.teacher_url, threads=args.threads,
+    with EdgeRuntime.load(args.package, teacher_url=args.teacher_url,
+                          api_key=teacher_api_key(), threads=args.threads,
                           read_timeout=args.timeout, debug=args.debug,
                           trust=trust_from_args(args)) as runtime:
         answer = runtime.answer(args.text)
@@ -226,8 +229,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.limit is not None:
         examples = examples[: args.limit]
     with _teacher_url(args) as url:
-        teacher = TeacherClient(url, read_timeout=args.timeout)
-        with EdgeRuntime.load(args.package, teacher_url=url, threads=args.threads,
+        teacher = TeacherClient(url, api_key=teacher_api_key(), read_timeout=args.timeout)
+        with EdgeRuntime.load(args.package, teacher_url=url, api_key=teacher_api_key(),
+                              threads=args.threads,
                               read_timeout=args.timeout, trust=trust_from_args(args)) as runtime:
             result = evaluate(runtime, teacher, examples, progress=True)
         teacher.close()
@@ -237,6 +241,15 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(format_report(result))
     return 0
+
+
+API_KEY_ENV = "EDGE_RUNTIME_API_KEY"
+
+
+def teacher_api_key() -> str | None:
+    """The gateway API key from EDGE_RUNTIME_API_KEY: an environment variable, because a
+    command-line argument is visible to every user of the machine."""
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def run_gateway(args: argparse.Namespace) -> int:

@@ -264,11 +264,11 @@ def decrypt_member(
     aead, aad = _open_member(encrypted, content_key, package_name, version, member)
     source = memoryview(_require_bytes_like(encrypted.ciphertext, "ciphertext",
                                             DecryptionError))
-    # The plaintext is decrypted straight into the bytes object that is returned: a BytesIO
-    # that is the only owner of its initial bytes lends that object's memory out through
-    # getbuffer() and hands the same object back from getvalue() once no view is left. A
-    # 16 MB model then costs one allocation instead of a chunk per segment and a joined copy.
-    # On an interpreter without that behaviour, getvalue() copies and the result is the same.
+    # The plaintext is decrypted straight into the bytes object that is returned. A BytesIO
+    # that is the only owner of its initial bytes lends their memory through getbuffer(), and
+    # getvalue() returns the same object once no view is left. A 16 MB model then costs one
+    # allocation instead of a chunk per segment plus a joined copy. Where an interpreter
+    # copies in getvalue() instead, the result is the same.
     output = io.BytesIO(bytes(encrypted.plaintext_size))
     target = output.getbuffer()
     try:

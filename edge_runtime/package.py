@@ -246,15 +246,15 @@ class _Archive:
     """A package archive held in memory, with a read-only view of each member's bytes.
 
     A package read from a file lives in the bytes object of a BytesIO that only this reader
-    holds, so ``take_prefix`` can return its start as ``bytes`` without copying after the
-    model has been decrypted in place over it. For a 16 MB model this saves a model-sized
-    allocation and its page faults, and lowers the peak memory of a load.
+    holds. After the model is decrypted in place over it, ``decrypt_in_place`` returns the
+    start of that object as ``bytes`` without a copy. For a 16 MB model this saves a
+    model-sized allocation and its page faults, and lowers the peak memory of a load.
     """
 
     def __init__(self, label: str, holder: io.BytesIO, buffer: memoryview, owned: bool):
         self.label = label
         self._holder = holder
-        self._buffer = buffer  # writable when owned
+        self._buffer = buffer  # writable when the reader owns the archive
         self._readonly = buffer.toreadonly()
         self.owned = owned
         self.members: dict[str, memoryview] = {}

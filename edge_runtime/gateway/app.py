@@ -58,8 +58,8 @@ TERMS_NOTICE = (
     "Outputs of this service may not be used to train, distil or evaluate other models."
 )
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-# A request id sent by the client is kept only if it is short and plain, so it cannot forge
-# log lines or headers.
+# A request id sent by the client is kept only if it is short and uses a few plain characters,
+# so that it cannot forge log lines or headers.
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 ANSWER_FIELDS = ("label", "tool_call", "text")
 
@@ -174,6 +174,9 @@ def create_app(
         except Refusal as refusal:
             if refusal.status in (400, 413):
                 metrics.invalid_requests.labels(status=str(refusal.status)).inc()
+            log.info("request rejected: %s", refusal.title, extra={
+                "request_id": request_id, "status": refusal.status, "client": client,
+                "key_id": record.id if record else None})
             headers = {**rate_limit_headers(decisions), **refusal.headers}
             return problem(refusal.status, refusal.title, refusal.detail, request_id, headers)
         except BackendUnavailable as exc:

@@ -648,7 +648,7 @@ class _ConfigParser:
 
         expected = {
             "hash": "'sha256:' followed by 64 hex digits, as printed by "
-                    "'python -m edge_runtime.gateway.keys create'",
+                    "'edge-runtime api-key create'",
             "tenant": f"a tenant name of 1 to {MAX_TENANT_CHARS} printable characters",
             "tier": "one of the tiers defined in [tiers]: "
                     + ", ".join(repr(name) for name in tiers),

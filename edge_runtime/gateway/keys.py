@@ -3,7 +3,7 @@
 A key is ``egw_`` followed by 32 random bytes in URL-safe base64 (43 characters). The gateway
 config stores only the key's hash, ``sha256:<hex>``. To create a key and its config entry::
 
-    python -m edge_runtime.gateway.keys create --id ID --tenant TENANT --tier TIER
+    edge-runtime api-key create --id ID --tenant TENANT --tier TIER
 
 This prints the key once, and the ``[[keys]]`` entry to paste into the config.
 """

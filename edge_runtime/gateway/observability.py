@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
-# Seconds. A local ONNX teacher answers in a few milliseconds; a generative one in seconds.
+# Seconds. A local ONNX teacher replies within a few milliseconds, a generative one within
+# seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0)
 DEFENCES = ("degraded", "blocked", "randomized", "watermarked", "decoy_offered",
