@@ -217,17 +217,20 @@ def create_app(
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def not_found(request: Request, exc: Exception) -> Response:
-        return problem(404, "Not found", "No such endpoint.", _request_id(request, id_header))
+        request_id = _request_id(request, id_header)
+        return problem(404, "Not found", "No such endpoint.", request_id,
+                       {id_header: request_id})
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        request_id = _request_id(request, id_header)
         return problem(405, "Method not allowed", "This endpoint does not accept that method.",
-                       _request_id(request, id_header))
+                       request_id, {id_header: request_id})
 
     async def server_error(request: Request, exc: Exception) -> Response:
         request_id = _request_id(request, id_header)
         log.exception("unhandled error", extra={"request_id": request_id})
         return problem(500, "Internal error", "The server failed to process the request.",
-                       request_id)
+                       request_id, {id_header: request_id})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -248,6 +251,8 @@ def create_app(
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error},
     )
+    # "/v1/predict/" gets a 404 problem body, not a redirect with an empty body.
+    app.router.redirect_slashes = False
     app.state.metrics = metrics
     app.state.request_id_header = id_header
     return app
