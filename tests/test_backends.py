@@ -4,6 +4,7 @@ backend on the tiny teacher package."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import traceback
@@ -134,8 +135,20 @@ def test_teacher_reply_needs_one_answer(answers):
         TeacherReply(model="m", **answers)
 
 
-def test_teacher_reply_has_no_scores():
-    assert set(TeacherReply.__dataclass_fields__) == {"label", "tool_call", "text", "model"}
+def test_teacher_reply_scores_stay_internal():
+    # candidates carries probabilities for the gateway's defences; the response body that
+    # the application builds from a reply must not contain them.
+    from edge_runtime.gateway.app import _answer_body
+
+    reply = TeacherReply(label="weather", tool_call=None, text=None, model="m",
+                         candidates=(("weather", 0.9), ("alarm", 0.1)))
+    body = _answer_body(reply, "rid", "m@1")
+
+    assert set(TeacherReply.__dataclass_fields__) == {"label", "tool_call", "text", "model",
+                                                      "candidates"}
+    assert body == {"label": "weather", "request_id": "rid", "model_version": "m@1",
+                    "notice": body["notice"]}
+    assert "0.9" not in json.dumps(body)
 
 
 # --- output limits ---
@@ -430,3 +443,11 @@ def test_onnx_backend_returns_label(tiny_build):
     assert plain.model == f"{manifest.name}@{manifest.version}"
     assert with_tools == plain
     assert health == {"status": "ok", "model": plain.model}
+    # The defences' candidates: the top labels, best first, the first being the answer.
+    labels = [label for label, _ in plain.candidates]
+    probabilities = [probability for _, probability in plain.candidates]
+    assert len(plain.candidates) == min(5, len(manifest.labels))
+    assert labels[0] == plain.label
+    assert len(set(labels)) == len(labels)
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert 0.0 < sum(probabilities) <= 1.0 + 1e-9

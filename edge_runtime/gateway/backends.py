@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from edge_runtime.errors import (
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CANDIDATES = 5  # top labels an ONNX teacher reports to the gateway's defences
 MAX_RESPONSE_BYTES = 1024 * 1024  # a chat completion is typically a few KiB
 HEALTH_TIMEOUT = 2.0  # seconds for the whole GET /models, connection included
 # The OpenAI API reference allows function names of 1 to 64 letters, digits, "_" and "-".
@@ -150,12 +152,17 @@ class TeacherReply:
 
     Exactly one of ``label``, ``tool_call`` and ``text`` is set. ``tool_call`` is
     ``{"name": str, "arguments": dict}``.
+
+    ``candidates`` holds the classifier's top labels with their probabilities, best first,
+    for the gateway's own defences (keyed randomization of near-ties, the watermark). It stays
+    inside the service: the application never writes it into a response.
     """
 
     label: str | None
     tool_call: dict[str, Any] | None = field(hash=False)
     text: str | None
     model: str
+    candidates: tuple[tuple[str, float], ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         answers = [self.label, self.tool_call, self.text]
@@ -214,13 +221,19 @@ class OnnxTeacherBackend(TeacherBackend):
         except ModelError as exc:
             log.warning("onnx predict failed request_id=%s: %s", request_id, exc)
             raise BackendUnavailable(f"teacher model {self.model} failed: {exc}") from exc
-        label = self.classifier.labels[int(prediction.logits.argmax())]
+        logits = prediction.logits.astype("float64")
+        probabilities = np.exp(logits - logits.max())
+        probabilities /= probabilities.sum()
+        ranked = np.argsort(-probabilities, kind="stable")[:CANDIDATES]  # ties: lowest index
+        candidates = tuple((self.classifier.labels[int(index)], float(probabilities[index]))
+                           for index in ranked)
         log.info(
             "onnx predict request_id=%s chars=%d tools=%d ms=%.2f",
             request_id, len(text), len(tools or ()),
             prediction.tokenize_ms + prediction.inference_ms,
         )
-        return TeacherReply(label=label, tool_call=None, text=None, model=self.model)
+        return TeacherReply(label=candidates[0][0], tool_call=None, text=None, model=self.model,
+                            candidates=candidates)
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model}
