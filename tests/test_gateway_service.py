@@ -956,6 +956,7 @@ def test_hostile_requests(client, teacher_manifest):
     leaks = []
     malformed_answers = []
     kept_invalid_ids = []
+    missing_notices = []
 
     for index, probe in enumerate(probes):
         request = f"probe {index} ({probe.kind}, {probe.method} {probe.path[:40]})"
@@ -979,13 +980,13 @@ def test_hostile_requests(client, teacher_manifest):
             non_json_bodies.append(case)
             continue
         leaks += [f"{case}: {leak}" for leak in find_leaks(body)]
+        if response.headers.get("x-terms-notice") != TERMS_NOTICE:
+            missing_notices.append(case)
         if status >= 400:
-            # 404 and 405 come from outside the routes and carry no X-Request-Id header.
             is_problem = (response.headers.get("content-type") == PROBLEM_TYPE
                           and isinstance(body, dict) and set(body) == PROBLEM_FIELDS
                           and body["status"] == status
-                          and body["request_id"] == response.headers.get(
-                              "x-request-id", body["request_id"]))
+                          and body["request_id"] == response.headers.get("x-request-id"))
             if not is_problem:
                 malformed_problems.append(f"{case}: {body!r:.200}")
         if status == 200:
@@ -1008,6 +1009,7 @@ def test_hostile_requests(client, teacher_manifest):
     assert malformed_problems == []
     assert leaks == []
     assert malformed_answers == []
+    assert missing_notices == []
     assert kept_invalid_ids == []
     final = client.post("/v1/predict", json={"text": "set an alarm for 7 am"},
                         headers=HIGH_KEY.headers)

@@ -86,7 +86,7 @@ def problem(status: int, title: str, detail: str, request_id: str,
         "request_id": request_id,
     }
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE,
-                        headers=headers)
+                        headers={"X-Terms-Notice": TERMS_NOTICE, **(headers or {})})
 
 
 def create_app(
@@ -267,6 +267,7 @@ def _timed(handler: Callable[[Request], Awaitable[Response]], route: str,
         started = time.perf_counter()
         response = await handler(request)
         response.headers[id_header] = _request_id(request, id_header)
+        response.headers["X-Terms-Notice"] = TERMS_NOTICE
         metrics.observe(route, response.status_code, time.perf_counter() - started)
         return response
 
