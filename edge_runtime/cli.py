@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "examples/gateway.toml), then EDGE_GATEWAY__SECTION__KEY environment "
                     "variables, then the options below.")
     gateway.add_argument("--config", metavar="TOML",
-                         help="gateway config file (default: built-in defaults: the onnx "
-                              f"teacher {DEFAULT_TEACHER_PACKAGE}, no API keys, in-memory "
-                              "rate limits)")
+                         help="gateway config file (default: $EDGE_GATEWAY_CONFIG, else "
+                              f"built-in defaults: the onnx teacher {DEFAULT_TEACHER_PACKAGE}, "
+                              "no API keys, in-memory rate limits)")
     gateway.add_argument("--package", help="teacher package; sets teacher.package")
     gateway.add_argument("--host", help="bind address; sets server.host (default 127.0.0.1)")
     gateway.add_argument("--port", type=port_number,
@@ -244,6 +244,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 API_KEY_ENV = "EDGE_RUNTIME_API_KEY"
+CONFIG_ENV = "EDGE_GATEWAY_CONFIG"  # path of the gateway config when --config is not given
 
 
 def teacher_api_key() -> str | None:
@@ -255,10 +256,18 @@ def teacher_api_key() -> str | None:
 def run_gateway(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from edge_runtime.gateway.config import GatewayConfig, load_gateway_config
+    from edge_runtime.gateway.config import (
+        BUILT_IN_SOURCE,
+        load_gateway_config,
+        parse_gateway_config,
+    )
     from edge_runtime.gateway.server import serve
 
-    config = load_gateway_config(args.config) if args.config else GatewayConfig.default()
+    config_path = args.config or os.environ.get(CONFIG_ENV)
+    if config_path:
+        config = load_gateway_config(config_path)
+    else:  # the built-in defaults, still with the EDGE_GATEWAY__SECTION__KEY overrides
+        config = parse_gateway_config({}, source=BUILT_IN_SOURCE)
     server = {name: getattr(args, name) for name in ("host", "port", "threads")
               if getattr(args, name) is not None}
     teacher: dict = {}

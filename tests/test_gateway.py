@@ -86,6 +86,7 @@ def test_unknown_path_404(client):
 def test_get_on_predict_405(client):
     response = client.get("/v1/predict")
     assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
 
 
 def test_serves_after_bad_requests(client):

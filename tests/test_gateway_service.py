@@ -8,11 +8,13 @@ gateway processes, hostile input, an OpenAI-compatible teacher (the fake server 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -32,9 +34,15 @@ from edge_runtime.gateway.app import TERMS_NOTICE
 from edge_runtime.gateway.fake_openai import FakeOpenAIServer, running_fake_openai
 from edge_runtime.gateway.keys import generate_api_key, hash_api_key
 from edge_runtime.gateway.observability import DEFENCES, LATENCY_BUCKETS, METRICS_CONTENT_TYPE
-from edge_runtime.gateway.server import LISTENING_PATTERN, GatewayProcess, start_gateway
+from edge_runtime.gateway.server import (
+    DEMO_SIGNER_SHA256,
+    EXAMPLE_KEY_HASH,
+    LISTENING_PATTERN,
+    GatewayProcess,
+    start_gateway,
+)
 from edge_runtime.package import inspect_package
-from tests.conftest import SIGNER_PUBLIC, free_loopback_port
+from tests.conftest import ROOT, SIGNER_PUBLIC, free_loopback_port
 
 pytestmark = pytest.mark.slow
 
@@ -486,7 +494,7 @@ def test_healthz_reports_memory_limiter(client, model_version):
     assert response.json() == {
         "status": "ok",
         "model_version": model_version,
-        "backend": {"status": "ok", "model": model_version},
+        "backend": {"status": "ok"},
         "rate_limiter": {"backend": "memory", "status": "ok"},
     }
 
@@ -572,8 +580,18 @@ def assert_limiter_unavailable(http: httpx.Client) -> None:
     assert response.status_code == 503
     body = response.json()
     assert body["status"] == "unavailable"
-    assert body["backend"]["status"] == "ok"
+    assert body["backend"] == {"status": "ok"}
     assert body["rate_limiter"] == {"backend": "redis", "status": "unavailable"}
+
+
+def assert_limiter_degraded(http: httpx.Client) -> None:
+    # Failing open, the replica still serves, so a load balancer must keep it.
+    response = http.get("/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["backend"] == {"status": "ok"}
+    assert body["rate_limiter"] == {"backend": "redis", "status": "degraded"}
 
 
 def test_redis_unreachable_fails_closed(tiny_build, tmp_path):
@@ -606,7 +624,7 @@ def test_redis_unreachable_fails_open(tiny_build, tmp_path, teacher_manifest):
             with_key = http.post("/v1/predict", json={"text": "set a timer"},
                                  headers=HIGH_KEY.headers)
             without_key = http.post("/v1/predict", json={"text": "set a timer"})
-            assert_limiter_unavailable(http)
+            assert_limiter_degraded(http)
             samples = read_metrics(http.get("/metrics").text)
     finally:
         log = gateway.stop()
@@ -1142,3 +1160,80 @@ def test_metrics_count_requests_and_limits(client):
         sample = ("edge_gateway_defence_actions_total", (("action", action),))
         assert sample in after
         assert after[sample] == 0
+
+
+# Slow and vanishing clients
+
+
+def raw_post_prefix(url: str, key: ClientKey, declared: int, sent: bytes) -> socket.socket:
+    """Open a connection and send a POST's headers and the first bytes of its body."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=CLIENT_TIMEOUT)
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {key.secret}\r\nContent-Length: {declared}\r\n\r\n")
+    connection.sendall(head.encode("ascii") + sent)
+    return connection
+
+
+def test_slow_body_and_disconnect(tiny_build, tmp_path):
+    key = ClientKey("slow-client", "high")
+    config = write_config(tmp_path / "slow.toml", {
+        "server": {"body_timeout": 1.0},
+        "teacher": onnx_teacher(tiny_build.teacher_package),
+        "rate_limit": {"backend": "memory", "per_address": HIGH_LIMIT},
+    }, {"high": HIGH_LIMIT}, (key,))
+    gateway = launch_gateway(config)
+    try:
+        # A body that stops arriving gets 408 once body_timeout has passed.
+        with raw_post_prefix(gateway.url, key, 64, b'{"text": ') as slow:
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = slow.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        # A client that leaves in the middle of its body is not a server error.
+        raw_post_prefix(gateway.url, key, 64, b'{"text": ').close()
+        with httpx.Client(base_url=gateway.url, timeout=CLIENT_TIMEOUT) as http:
+            after = http.post("/v1/predict", json={"text": "set a timer"}, headers=key.headers)
+    finally:
+        log = gateway.stop()
+
+    status_line = reply.split(b"\r\n", 1)[0]
+    assert status_line == b"HTTP/1.1 408 Request Timeout"
+    assert b"application/problem+json" in reply
+    assert after.status_code == 200
+    assert "unhandled error" not in log
+    assert "Traceback" not in log
+
+
+EXAMPLE_KEY = "egw_example-key-for-local-testing-only"  # documented in examples/gateway.toml
+
+
+def test_example_key_and_demo_signer_warned(tiny_build, tmp_path):
+    example = ClientKey("example-local", "high")
+    config = write_config(tmp_path / "example.toml", {
+        "teacher": onnx_teacher(tiny_build.teacher_package),
+    }, {"high": HIGH_LIMIT}, (example,))
+    text = config.read_text(encoding="utf-8").replace(hash_api_key(example.secret),
+                                                      EXAMPLE_KEY_HASH)
+    config.write_text(text, encoding="utf-8")
+    gateway = launch_gateway(config)
+    log = gateway.stop()
+
+    assert "is the public example key" in log
+    assert "demo signer key" in log
+    assert hash_api_key(EXAMPLE_KEY) == EXAMPLE_KEY_HASH
+    assert hashlib.sha256(SIGNER_PUBLIC.read_bytes()).hexdigest() == DEMO_SIGNER_SHA256
+
+
+def test_environment_overrides_without_config_file():
+    environment = {**os.environ, "EDGE_GATEWAY__SERVER__LOG_FORMAT": "yaml"}
+    environment.pop("EDGE_GATEWAY_CONFIG", None)
+    result = subprocess.run([sys.executable, "-m", "edge_runtime", "gateway", "--port", "0"],
+                            capture_output=True, text=True, env=environment, timeout=60,
+                            cwd=ROOT)
+
+    assert result.returncode == 2
+    assert "EDGE_GATEWAY__SERVER__LOG_FORMAT" in result.stderr
+    assert "Traceback" not in result.stderr

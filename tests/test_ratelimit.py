@@ -341,9 +341,9 @@ def test_redis_rejects_invalid_timeout():
 
 @pytest.mark.parametrize(("url", "expected"), [
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-    ("redis://:hunter2@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
-    ("redis://alice:hunter2@cache:6379/1", "redis://alice:***@cache:6379/1"),
-    ("redis://alice@cache:6379", "redis://alice@cache:6379"),
+    ("redis://:hunter2@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
+    ("redis://alice:hunter2@cache:6379/1", "redis://***@cache:6379/1"),
+    ("redis://topsecret@cache:6379", "redis://***@cache:6379"),
     ("unix:///run/redis.sock?db=0&password=hunter2", "unix:///run/redis.sock?db=0&password=***"),
 ])
 def test_redact_url(url, expected):
@@ -472,7 +472,7 @@ def test_redis_unreachable_raises(caplog):
 
     assert isinstance(error, EdgeRuntimeError)
     assert "hunter2-secret" not in str(error)
-    assert "redis://gateway:***@127.0.0.1:" in str(error)
+    assert "redis://***@127.0.0.1:" in str(error)
     assert "check that Redis is running" in str(error)
     assert reachable is False
     assert "hunter2-secret" not in caplog.text

@@ -18,6 +18,7 @@ logged with its request id and returns 500 without a stack trace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -28,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -106,6 +107,7 @@ def create_app(
     limits = config.limits
     id_header = config.server.request_id_header
     on_limiter_error = config.rate_limit.on_backend_error
+    body_timeout = config.server.body_timeout
     address_policy = RateLimitPolicy("address", config.rate_limit.per_address.rate,
                                      config.rate_limit.per_address.burst)
     tier_policies = {name: RateLimitPolicy("key", tier.rate, tier.burst)
@@ -168,7 +170,7 @@ def create_app(
             if record is not None:
                 await check_rate(f"key:{record.id}", tier_policies[record.tier], decisions,
                                  request_id)
-            text, tools = await _read_query(request, limits)
+            text, tools = await _read_query(request, limits, body_timeout)
             reply = await backend.predict(text, tools, request_id)
             body = _answer_body(reply, request_id, model_version)
         except Refusal as refusal:
@@ -176,21 +178,22 @@ def create_app(
                 metrics.invalid_requests.labels(status=str(refusal.status)).inc()
             log.info("request rejected: %s", refusal.title, extra={
                 "request_id": request_id, "status": refusal.status, "client": client,
-                "key_id": record.id if record else None})
+                "key_id": record.id if record else None,
+                "tenant": record.tenant if record else None})
             headers = {**rate_limit_headers(decisions), **refusal.headers}
             return problem(refusal.status, refusal.title, refusal.detail, request_id, headers)
         except BackendUnavailable as exc:
             metrics.backend_errors.labels(kind="unavailable").inc()
             log.error("teacher backend unavailable: %s", exc, extra={"request_id": request_id})
             return problem(503, "Teacher unavailable",
-                           "The teacher did not answer in time; retry later.", request_id,
+                           "The teacher is unavailable; retry later.", request_id,
                            {**rate_limit_headers(decisions), "Retry-After": "1"})
         except BackendRejected as exc:
             metrics.backend_errors.labels(kind="rejected").inc()
             log.error("teacher backend reply unusable: %s", exc,
                       extra={"request_id": request_id})
             return problem(503, "Teacher unavailable",
-                           "The teacher gave no usable answer; retry later.", request_id,
+                           "The teacher is unavailable; retry later.", request_id,
                            {**rate_limit_headers(decisions), "Retry-After": "1"})
         log.info("answered", extra={
             "request_id": request_id, "key_id": record.id if record else None,
@@ -200,18 +203,22 @@ def create_app(
                                            "X-Terms-Notice": TERMS_NOTICE})
 
     async def healthz(request: Request) -> Response:
-        backend_state = await backend.health()
+        # Reasons (upstream URLs, errors) go to the logs only: /healthz is not authenticated.
+        backend_ok = (await backend.health()).get("status") == "ok"
         limiter_ok = await limiter.ping() if limiter is not None else True
-        metrics.backend_up.set(1 if backend_state.get("status") == "ok" else 0)
-        healthy = backend_state.get("status") == "ok" and limiter_ok
+        metrics.backend_up.set(1 if backend_ok else 0)
+        # A limiter that fails open still lets requests through, so this replica can serve.
+        limiter_state = "ok" if limiter_ok else (
+            "degraded" if on_limiter_error == "open" else "unavailable")
+        serving = backend_ok and limiter_state != "unavailable"
         body = {
-            "status": "ok" if healthy else "unavailable",
+            "status": ("ok" if limiter_ok else "degraded") if serving else "unavailable",
             "model_version": model_version,
-            "backend": backend_state,
+            "backend": {"status": "ok" if backend_ok else "unavailable"},
             "rate_limiter": {"backend": limiter.backend if limiter is not None else "off",
-                             "status": "ok" if limiter_ok else "unavailable"},
+                             "status": limiter_state},
         }
-        return JSONResponse(body, status_code=200 if healthy else 503)
+        return JSONResponse(body, status_code=200 if serving else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
@@ -223,8 +230,12 @@ def create_app(
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
         request_id = _request_id(request, id_header)
+        headers = {id_header: request_id}
+        allowed = getattr(exc, "headers", None) or {}
+        if "Allow" in allowed:  # Starlette names the route's methods; RFC 9110 requires them
+            headers["Allow"] = allowed["Allow"]
         return problem(405, "Method not allowed", "This endpoint does not accept that method.",
-                       request_id, {id_header: request_id})
+                       request_id, headers)
 
     async def server_error(request: Request, exc: Exception) -> Response:
         request_id = _request_id(request, id_header)
@@ -283,9 +294,16 @@ def _request_id(request: Request, header: str) -> str:
     return cached
 
 
-async def _read_query(request: Request, limits: LimitsConfig
+async def _read_query(request: Request, limits: LimitsConfig, body_timeout: float
                       ) -> tuple[str, list[Any] | None]:
-    body = await _read_body(request, limits.max_body_bytes)
+    try:
+        body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), body_timeout)
+    except asyncio.TimeoutError:
+        raise Refusal(408, "Request timeout",
+                      f"The request body did not arrive within {body_timeout:g} s.") from None
+    except ClientDisconnect:
+        raise Refusal(400, "Client disconnected",
+                      "The client closed the connection before the body arrived.") from None
     if body is None:
         raise Refusal(413, "Payload too large",
                       f"The request body exceeds {limits.max_body_bytes} bytes.")

@@ -74,6 +74,9 @@ class ServerConfig:
     threads: int = 1  # ONNX Runtime intra-op threads of the onnx teacher
     log_format: str = "json"  # "json" (one JSON object per line) or "text"
     request_id_header: str = "X-Request-Id"  # HTTP header that carries the request id
+    body_timeout: float = 10.0  # seconds for a request body to arrive, then 408
+    max_connections: int = 1000  # open connections and requests; more get 503
+    shutdown_timeout: float = 10.0  # seconds that open requests get after SIGTERM
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ class LimitsConfig:
     max_tools: int = 16  # tools in one request
     max_tool_bytes: int = 8192  # bytes of each tool's JSON
     max_output_chars: int = 2000  # characters of generated output
-    max_list_items: int = 10  # items in a list of the request or the response
+    max_list_items: int = 10  # items of each list in generated text
 
 
 @dataclass(frozen=True)
@@ -477,6 +480,12 @@ class _ConfigParser:
         if not _HEADER_NAME_PATTERN.fullmatch(server.request_id_header):
             self.fail("server.request_id_header", server.request_id_header,
                       "an HTTP header name, for example 'X-Request-Id'")
+        for name in ("body_timeout", "shutdown_timeout"):
+            value = getattr(server, name)
+            if not 0 < value <= MAX_TIMEOUT:
+                self.fail(f"server.{name}", value, f"seconds above 0 and at most {MAX_TIMEOUT:g}")
+        if server.max_connections < 1:
+            self.fail("server.max_connections", server.max_connections, "an integer of at least 1")
 
     def validate_teacher(self, teacher: TeacherConfig, explicit_keys: set[str]) -> None:
         self.check_backend("teacher", teacher.backend, explicit_keys)

@@ -272,15 +272,18 @@ return {1, remaining, 0, reset_after}
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password, in the user part or the query, replaced by ``***``."""
+    """Return ``url`` with its user part and any password in the query replaced by ``***``.
+
+    The whole user part is masked, because ``redis://secret@host`` puts a password where a
+    user name would be."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable Redis URL>"
     netloc = parts.netloc
     userinfo, at, hostport = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    if at:
+        netloc = f"***@{hostport}"
     query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
     # urlunsplit drops an empty authority, which would turn unix:///path into unix:/path.
     authority = "//" if netloc or url[len(parts.scheme) + 1:].startswith("//") else ""
@@ -293,10 +296,11 @@ def redact_url(url: str) -> str:
 
 
 def _url_passwords(url: str) -> list[str]:
-    """Return the passwords in ``url`` as written and percent-decoded, longest first."""
+    """Return the secrets in ``url`` (user name, password, password query parameter) as written
+    and percent-decoded, longest first."""
     try:
         parts = urlsplit(url)
-        passwords = [parts.password or ""]
+        passwords = [parts.password or "", parts.username or ""]
     except ValueError:
         return []
     passwords += [value for name, value in parse_qsl(parts.query) if name == "password"]

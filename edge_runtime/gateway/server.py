@@ -8,6 +8,7 @@ find the address of the child it started.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -45,8 +46,16 @@ def build_gateway(config: GatewayConfig, trust: TrustPolicy | None = None,
 
     teacher = config.teacher
     trust = trust if trust is not None else _config_trust(config)
+    _warn_about_demo_secrets(config)
     if teacher.backend == "onnx":
         from edge_runtime.model import OnnxClassifier
+
+        if not Path(teacher.package).is_file():
+            raise ConfigError(
+                f"{config.source}: teacher.package {teacher.package!r} is not a file; set it "
+                "to a teacher package, for example models/clinc150-teacher.edgepkg, relative "
+                "to the folder the gateway runs in"
+            )
 
         # The unverified manifest gives a clear message for a student package, which is
         # encrypted for devices; the verified one below is what counts.
@@ -72,8 +81,8 @@ def build_gateway(config: GatewayConfig, trust: TrustPolicy | None = None,
     if config.rate_limit.enabled:
         limiter = create_rate_limiter(config.rate_limit.backend, config.rate_limit.redis_url)
     else:
-        log.warning("rate limiting is off ([rate_limit] enabled = false); use this only for "
-                    "load tests and evaluation on loopback")
+        log.warning("rate limiting is off (--no-rate-limit, or [rate_limit] enabled = false);"
+                    " use this only for load tests and evaluation on loopback")
         limiter = None
     return create_app(config, backend, limiter, model_version)
 
@@ -108,11 +117,41 @@ def serve(config: GatewayConfig, trust: TrustPolicy | None = None) -> None:
     bound_host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
 
-    uvicorn_config = uvicorn.Config(app, log_level="warning", access_log=False,
-                                    log_config=None)
+    uvicorn_config = uvicorn.Config(
+        app, log_level="warning", access_log=False, log_config=None,
+        limit_concurrency=config.server.max_connections,
+        timeout_graceful_shutdown=config.server.shutdown_timeout,
+    )
     server = uvicorn.Server(uvicorn_config)
     print(f"gateway listening on http://{shown_host}:{bound_port}", flush=True)
     server.run(sockets=[sock])
+
+
+# SHA-256 of the public example key in examples/gateway.toml, and of the demo signer's
+# public key file models/keys/demo-signer.pub.pem; tests check both against the files.
+EXAMPLE_KEY_HASH = "sha256:c71c53973f5ca2b9429505f85082ecb26bc15059f30b51f200aac3d6e21de782"
+DEMO_SIGNER_SHA256 = "97612a057c7ec1aff0bc03001e3ce2d50016fc321140f5e8a30e3abe525c6f7d"
+
+
+def _file_sha256(path: str) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _warn_about_demo_secrets(config: GatewayConfig) -> None:
+    """Log a warning for the public example API key and the public demo signer key."""
+    for entry in config.keys:
+        if entry.hash == EXAMPLE_KEY_HASH:
+            log.warning("API key %r is the public example key from examples/gateway.toml, "
+                        "which anyone can use; remove its [[keys]] entry before serving "
+                        "beyond this host", entry.id)
+    if config.teacher.backend == "onnx" and any(
+            _file_sha256(path) == DEMO_SIGNER_SHA256 for path in config.teacher.signer_keys):
+        log.warning("the teacher package is verified with the demo signer key, which is "
+                    "public and protects nothing; list your own signer's key in "
+                    "teacher.signer_keys for packages you build")
 
 
 def _check_teacher_role(manifest: Any, path: str) -> None:
