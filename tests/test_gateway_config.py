@@ -228,7 +228,7 @@ def test_unknown_section(tmp_path: Path):
     message = error_of(tmp_path, "[sever]\nport = 9000\n")
 
     assert "unknown section 'sever'" in message
-    assert "server, teacher, limits, rate_limit, tiers, keys" in message
+    assert "server, teacher, limits, rate_limit, defences, tiers, keys" in message
 
 
 def test_section_not_table(tmp_path: Path):
@@ -884,3 +884,16 @@ def test_keys_command_checks_config(capsys: pytest.CaptureFixture[str]):
 
     assert code == 0
     assert 'tier = "standard"' in output.out
+
+
+def test_defences_monitor_needs_reference_data(tmp_path: Path):
+    message = error_of(tmp_path, "[defences]\nenabled = true\n")
+
+    assert "defences.reference_data" in message
+    assert "training data" in message
+
+
+def test_defences_secret_env_must_be_a_variable_name(tmp_path: Path):
+    message = error_of(tmp_path, '[defences]\nsecret_env = "not a name"\n')
+
+    assert "defences.secret_env" in message

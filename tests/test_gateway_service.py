@@ -42,7 +42,7 @@ from edge_runtime.gateway.server import (
     start_gateway,
 )
 from edge_runtime.package import inspect_package
-from tests.conftest import ROOT, SIGNER_PUBLIC, free_loopback_port
+from tests.conftest import CLINC150_DIR, ROOT, SIGNER_PUBLIC, free_loopback_port
 
 pytestmark = pytest.mark.slow
 
@@ -1237,3 +1237,48 @@ def test_environment_overrides_without_config_file():
     assert result.returncode == 2
     assert "EDGE_GATEWAY__SERVER__LOG_FORMAT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Extraction defences through HTTP
+
+
+TEACHER_PACKAGE = ROOT / "models" / "clinc150-teacher.edgepkg"
+
+
+def test_monitor_blocks_repeats_and_spares_honest_client(tmp_path):
+    from edge_runtime.data import load_split
+
+    honest = ClientKey("honest-device", "high")
+    attacker = ClientKey("repeating-client", "high")
+    audit_log = tmp_path / "audit.jsonl"
+    config = write_config(tmp_path / "defended.toml", {
+        "teacher": onnx_teacher(TEACHER_PACKAGE),
+        "rate_limit": {"backend": "memory", "per_address": HIGH_LIMIT},
+        "defences": {"enabled": True, "reference_data": str(CLINC150_DIR),
+                     "audit_log": str(audit_log)},
+    }, {"high": HIGH_LIMIT}, (honest, attacker))
+    queries = [example.text for example in load_split(CLINC150_DIR, "test")[:2000:25]]
+    gateway = launch_gateway(config)
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=CLIENT_TIMEOUT) as http:
+            honest_statuses = [http.post("/v1/predict", json={"text": text},
+                                         headers=honest.headers).status_code
+                               for text in queries]
+            attacker_statuses = [http.post("/v1/predict", json={"text": "what is my balance"},
+                                           headers=attacker.headers).status_code
+                                 for _ in range(len(queries))]
+            refused = http.post("/v1/predict", json={"text": "what is my balance"},
+                                headers=attacker.headers)
+            samples = read_metrics(http.get("/metrics").text)
+    finally:
+        gateway.stop()
+
+    events = [json.loads(line) for line in audit_log.read_text(encoding="utf-8").splitlines()]
+    assert honest_statuses == [200] * len(queries)
+    assert attacker_statuses[:40] == [200] * 40
+    assert 403 in attacker_statuses
+    body = assert_problem(refused, 403)
+    assert "model extraction" in body["detail"]
+    assert metric(samples, "edge_gateway_defence_actions_total", action="blocked") >= 1
+    assert {event["client_id"] for event in events} == {"key:repeating-client"}
+    assert events[-1]["new_tier"] == "block"

@@ -42,6 +42,7 @@ from edge_runtime.gateway.backends import (
     parse_tools,
 )
 from edge_runtime.gateway.config import GatewayConfig, LimitsConfig
+from edge_runtime.gateway.defences import ClientBlocked, Defences, DefenceStateUnavailable
 from edge_runtime.gateway.keys import ApiKeyRecord, ApiKeyStore, parse_authorization
 from edge_runtime.gateway.observability import METRICS_CONTENT_TYPE, GatewayMetrics
 from edge_runtime.gateway.ratelimit import (
@@ -96,6 +97,7 @@ def create_app(
     limiter: RateLimiter | None,
     model_version: str,
     metrics: GatewayMetrics | None = None,
+    defences: Defences | None = None,
 ) -> Starlette:
     """Build the gateway around a teacher backend and a rate limiter (None: no limits).
 
@@ -141,6 +143,18 @@ def create_app(
                           {**rate_limit_headers(decisions),
                            "Retry-After": retry_after_header(decisions)})
 
+    async def admit(client_id: str, request_id: str) -> str:
+        try:
+            return await defences.admit(client_id, request_id)
+        except ClientBlocked:
+            raise Refusal(403, "Forbidden",
+                          "This client is suspended because its queries look like model "
+                          "extraction; contact the operator of this service.") from None
+        except DefenceStateUnavailable:
+            raise Refusal(503, "Service unavailable",
+                          "The gateway's state store is unavailable; retry later.",
+                          {"Retry-After": "1"}) from None
+
     def authenticate(request: Request) -> ApiKeyRecord | None:
         if not config.auth_required:
             return None
@@ -170,8 +184,13 @@ def create_app(
             if record is not None:
                 await check_rate(f"key:{record.id}", tier_policies[record.tier], decisions,
                                  request_id)
+            client_id = f"key:{record.id}" if record is not None else f"address:{client}"
+            if defences is not None:
+                await admit(client_id, request_id)
             text, tools = await _read_query(request, limits, body_timeout)
             reply = await backend.predict(text, tools, request_id)
+            if defences is not None:
+                await defences.record(client_id, text, reply, request_id)
             body = _answer_body(reply, request_id, model_version)
         except Refusal as refusal:
             if refusal.status in (400, 413):
@@ -251,6 +270,8 @@ def create_app(
             await backend.close()
             if limiter is not None:
                 await limiter.close()
+            if defences is not None:
+                await defences.close()
 
     app = Starlette(
         lifespan=lifespan,

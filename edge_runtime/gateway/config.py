@@ -159,6 +159,24 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True)
+class DefencesConfig:
+    """Settings of ``[defences]``: the defences against unauthorised distillation.
+
+    Off by default, so that evaluation on loopback sees the teacher's own answers. The keyed
+    defences read a secret of at least 32 characters from the environment variable that
+    ``secret_env`` names; it never sits in the file. The monitor needs ``reference_data``, a
+    data folder that ``edge_runtime.data.load_split`` reads (the teacher's training data), to
+    tell in-domain queries from the rest. Its state lives in the ``[rate_limit]`` backend.
+    """
+
+    enabled: bool = False
+    secret_env: str = "EDGE_GATEWAY_DEFENCE_SECRET"
+    audit_log: str = "gateway-audit.jsonl"  # JSON lines, one per tier change
+    reference_data: str | None = None  # folder with train and val splits
+    monitor: bool = True  # behavioural monitoring: allow, degrade, block
+
+
+@dataclass(frozen=True)
 class ApiKeyEntry:
     """A ``[[keys]]`` entry: one client API key, stored as its SHA-256 hash only."""
 
@@ -176,6 +194,7 @@ class GatewayConfig:
     teacher: TeacherConfig
     limits: LimitsConfig
     rate_limit: RateLimitConfig
+    defences: DefencesConfig
     tiers: Mapping[str, RateLimit]  # read-only, tier name -> limit per API key
     keys: tuple[ApiKeyEntry, ...]
     source: str
@@ -203,6 +222,7 @@ _SECTIONS: dict[str, type] = {
     "teacher": TeacherConfig,
     "limits": LimitsConfig,
     "rate_limit": RateLimitConfig,
+    "defences": DefencesConfig,
 }
 _ALL_SECTIONS = (*_SECTIONS, "tiers", "keys")
 _BACKEND_ONLY_KEYS = {
@@ -362,6 +382,7 @@ class _ConfigParser:
         self.validate_teacher(sections["teacher"], set(tables["teacher"]))
         self.validate_limits(sections["limits"])
         self.validate_rate_limit(sections["rate_limit"], set(tables["rate_limit"]))
+        self.validate_defences(sections["defences"])
         tiers = self.parse_tiers(raw.get("tiers"))
         keys = self.parse_keys(raw.get("keys"), tiers)
         return GatewayConfig(**sections, tiers=tiers, keys=keys, source=self.source)
@@ -549,6 +570,19 @@ class _ConfigParser:
             value = getattr(limits, name)
             if value < 1:
                 self.fail(f"limits.{name}", value, "an integer of at least 1")
+
+    def validate_defences(self, defences: DefencesConfig) -> None:
+        if not _ENV_NAME_PATTERN.fullmatch(defences.secret_env):
+            self.fail("defences.secret_env", defences.secret_env,
+                      "the name of an environment variable, for example "
+                      "'EDGE_GATEWAY_DEFENCE_SECRET'")
+        if not defences.audit_log:
+            self.fail("defences.audit_log", defences.audit_log,
+                      "the path of the audit log file, for example 'gateway-audit.jsonl'")
+        if defences.enabled and defences.monitor and not defences.reference_data:
+            self.fail_missing("defences.reference_data",
+                              "the folder of the teacher's training data (train and val "
+                              "splits), for example '../shared/data/clinc150', for the monitor")
 
     def validate_rate_limit(self, rate_limit: RateLimitConfig, explicit_keys: set[str]) -> None:
         self.check_backend("rate_limit", rate_limit.backend, explicit_keys)

@@ -42,6 +42,8 @@ def build_gateway(config: GatewayConfig, trust: TrustPolicy | None = None,
     ``teacher.signer_keys``."""
     from edge_runtime.gateway.app import create_app
     from edge_runtime.gateway.backends import OnnxTeacherBackend, OpenAIChatBackend
+    from edge_runtime.gateway.defences import build_defences
+    from edge_runtime.gateway.observability import GatewayMetrics
     from edge_runtime.gateway.ratelimit import create_rate_limiter
 
     teacher = config.teacher
@@ -84,7 +86,10 @@ def build_gateway(config: GatewayConfig, trust: TrustPolicy | None = None,
         log.warning("rate limiting is off (--no-rate-limit, or [rate_limit] enabled = false);"
                     " use this only for load tests and evaluation on loopback")
         limiter = None
-    return create_app(config, backend, limiter, model_version)
+    metrics = GatewayMetrics()
+    defences = build_defences(config, metrics)
+    return create_app(config, backend, limiter, model_version, metrics=metrics,
+                      defences=defences)
 
 
 def serve(config: GatewayConfig, trust: TrustPolicy | None = None) -> None:
