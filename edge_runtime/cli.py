@@ -1,4 +1,5 @@
-"""The ``edge-runtime`` command line: demo, ask, eval, gateway, api-key, keys and package."""
+"""The ``edge-runtime`` command line: demo, ask, eval, gateway, api-key, keys, package and
+watermark."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
-from edge_runtime import package_cli
+from edge_runtime import package_cli, watermark_cli
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.package_cli import add_trust_options, trust_from_args
 from edge_runtime.runtime import EdgeRuntime
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check the tier and id against this gateway config")
 
     package_cli.add_commands(commands)
+    watermark_cli.add_commands(commands)
     return parser
 
 
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     handlers = {"demo": run_demo, "ask": run_ask, "eval": run_eval, "gateway": run_gateway,
                 "api-key": run_api_key, "keys": package_cli.run_keys,
-                "package": package_cli.run_package}
+                "package": package_cli.run_package, "watermark": watermark_cli.run}
     try:
         return handlers[args.command](args)
     except (EdgeRuntimeError, OSError) as exc:

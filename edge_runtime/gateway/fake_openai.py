@@ -11,6 +11,9 @@ It is not a language model and is meant only as a substitute for a hosted chat A
 - Otherwise, when the system message has bulleted lines (``- label``), it answers with the
   label that shares the most words with the message, the first label on a tie.
 - Otherwise it echoes the last user message.
+- When the last message is a tool result, ``FakeOpenAIModes.after_tool_result`` can make it
+  reply with text that quotes the result, or call another tool; by default the rules above
+  apply as if the tool result were not there.
 
 ``FakeOpenAIModes`` sets the bearer key to require and the failure modes: an error status, a
 delay, a body dripped in small chunks, malformed JSON, an oversized body, or a call to a tool
@@ -45,6 +48,8 @@ STOP_TIMEOUT = 5.0  # seconds to wait for a graceful stop before forcing it
 PAUSE_STEP = 0.05  # seconds between checks for a stop request during a delay or drip
 OVERSIZE_CHUNK_BYTES = 64 * 1024
 UNKNOWN_TOOL_NAME = "fake_tool_not_offered"
+AFTER_TOOL_RESULT_MODES = ("same_rules", "text", "other_tool")
+TOOL_RESULT_QUOTE_CHARS = 200  # characters of a tool result that a "text" reply quotes
 # Words too common to tell tools or labels apart.
 STOP_WORDS = frozenset(
     "a an and are can do for from i in is it me my of on or please the this to what with you "
@@ -69,6 +74,11 @@ class FakeOpenAIModes:
     oversize_declared: bool = False  # send Content-Length for the padded body, else chunked
     unknown_tool: bool = False  # call UNKNOWN_TOOL_NAME whenever tools are given
     bad_tool_arguments: bool = False  # send a JSON array as the tool call's arguments
+    # The reply when the last message is a tool result. "same_rules" ignores the result, so
+    # the last user message decides as before. "text" replies with text that quotes the
+    # result. "other_tool" calls the best-matching tool not yet called in the conversation,
+    # and replies as "text" does when no other tool shares a word with the user message.
+    after_tool_result: str = "same_rules"
 
     def __post_init__(self) -> None:
         if not 100 <= self.status_code <= 599:
@@ -81,6 +91,9 @@ class FakeOpenAIModes:
             raise ValueError("drip_chunk_bytes must be at least 1")
         if self.oversize_bytes < 0:
             raise ValueError("oversize_bytes must be 0 or more")
+        if self.after_tool_result not in AFTER_TOOL_RESULT_MODES:
+            raise ValueError(f"after_tool_result must be one of {AFTER_TOOL_RESULT_MODES}, got "
+                             f"{self.after_tool_result!r}")
 
 
 class FakeOpenAIServer:
@@ -298,6 +311,10 @@ def _complete(payload: dict[str, Any], modes: FakeOpenAIModes,
     tools = payload.get("tools") or []
     tool_choice = payload.get("tool_choice", "auto")
 
+    last_message = payload["messages"][-1]
+    if modes.after_tool_result != "same_rules" and last_message["role"] == "tool":
+        return _complete_after_tool_result(payload, modes, number, user_text, last_message)
+
     tool = None
     if tools and tool_choice != "none":
         if isinstance(tool_choice, dict):
@@ -313,25 +330,54 @@ def _complete(payload: dict[str, Any], modes: FakeOpenAIModes,
             )
 
     if tool is not None:
-        function = tool["function"]
-        name = UNKNOWN_TOOL_NAME if modes.unknown_tool else function["name"]
-        arguments: Any = _fill_arguments(function.get("parameters") or {}, user_text)
-        if modes.bad_tool_arguments:
-            arguments = list(arguments.values())
-        message = {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [{
-                "id": f"call_fake{number}",
-                "type": "function",
-                "function": {"name": name, "arguments": json.dumps(arguments)},
-            }],
-        }
-        finish_reason = "tool_calls"
-    else:
-        message = {"role": "assistant", "content": _reply_text(payload, user_text, modes)}
-        finish_reason = "stop"
+        return _tool_call_completion(payload, modes, number, tool, user_text)
+    message = {"role": "assistant", "content": _reply_text(payload, user_text, modes)}
+    return _completion(payload, number, message, "stop")
 
+
+def _complete_after_tool_result(payload: dict[str, Any], modes: FakeOpenAIModes, number: int,
+                                user_text: str, tool_message: dict[str, Any]
+                                ) -> dict[str, Any]:
+    """Build the completion that follows a tool result, by ``modes.after_tool_result``."""
+    if modes.after_tool_result == "other_tool":
+        called = {call.get("function", {}).get("name")
+                  for message in payload["messages"] if message["role"] == "assistant"
+                  for call in message.get("tool_calls") or () if isinstance(call, dict)}
+        others = [tool for tool in payload.get("tools") or []
+                  if tool["function"]["name"] not in called]
+        tool = _pick_by_overlap(
+            others, user_text,
+            lambda t: f"{t['function']['name']} {t['function'].get('description', '')}",
+            required=False,
+        ) if others else None
+        if tool is not None:
+            return _tool_call_completion(payload, modes, number, tool, user_text)
+    quoted = _message_text(tool_message)[:TOOL_RESULT_QUOTE_CHARS]
+    message = {"role": "assistant", "content": f"Here is the result: {quoted}"}
+    return _completion(payload, number, message, "stop")
+
+
+def _tool_call_completion(payload: dict[str, Any], modes: FakeOpenAIModes, number: int,
+                          tool: dict[str, Any], user_text: str) -> dict[str, Any]:
+    function = tool["function"]
+    name = UNKNOWN_TOOL_NAME if modes.unknown_tool else function["name"]
+    arguments: Any = _fill_arguments(function.get("parameters") or {}, user_text)
+    if modes.bad_tool_arguments:
+        arguments = list(arguments.values())
+    message = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{
+            "id": f"call_fake{number}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments)},
+        }],
+    }
+    return _completion(payload, number, message, "tool_calls")
+
+
+def _completion(payload: dict[str, Any], number: int, message: dict[str, Any],
+                finish_reason: str) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-fake{number}",
         "object": "chat.completion",
