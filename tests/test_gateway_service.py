@@ -1258,7 +1258,7 @@ def test_monitor_blocks_repeats_and_spares_honest_client(tmp_path):
                      "audit_log": str(audit_log)},
     }, {"high": HIGH_LIMIT}, (honest, attacker))
     queries = [example.text for example in load_split(CLINC150_DIR, "test")[:2000:25]]
-    gateway = launch_gateway(config)
+    gateway = launch_gateway(config, env={"EDGE_GATEWAY_DEFENCE_SECRET": "5e" * 32})
     try:
         with httpx.Client(base_url=gateway.url, timeout=CLIENT_TIMEOUT) as http:
             honest_statuses = [http.post("/v1/predict", json={"text": text},
@@ -1282,3 +1282,19 @@ def test_monitor_blocks_repeats_and_spares_honest_client(tmp_path):
     assert metric(samples, "edge_gateway_defence_actions_total", action="blocked") >= 1
     assert {event["client_id"] for event in events} == {"key:repeating-client"}
     assert events[-1]["new_tier"] == "block"
+
+
+def test_defences_without_secret_refuse_to_start(tmp_path):
+    config = write_config(tmp_path / "no-secret.toml", {
+        "teacher": onnx_teacher(TEACHER_PACKAGE),
+        "defences": {"enabled": True, "monitor": False},
+    }, {"high": HIGH_LIMIT}, (ClientKey("any", "high"),))
+    environment = {**os.environ}
+    environment.pop("EDGE_GATEWAY_DEFENCE_SECRET", None)
+    result = subprocess.run([sys.executable, "-m", "edge_runtime", "gateway", "--config",
+                             str(config), "--port", "0"], capture_output=True, text=True,
+                            env=environment, timeout=120, cwd=ROOT)
+
+    assert result.returncode == 2
+    assert "EDGE_GATEWAY_DEFENCE_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -185,12 +185,17 @@ def create_app(
                 await check_rate(f"key:{record.id}", tier_policies[record.tier], decisions,
                                  request_id)
             client_id = f"key:{record.id}" if record is not None else f"address:{client}"
-            if defences is not None:
-                await admit(client_id, request_id)
+            tier = await admit(client_id, request_id) if defences is not None else "allow"
             text, tools = await _read_query(request, limits, body_timeout)
             reply = await backend.predict(text, tools, request_id)
             if defences is not None:
-                await defences.record(client_id, text, reply, request_id)
+                try:
+                    reply = await defences.answer(client_id, text, reply, tier, request_id)
+                    await defences.record(client_id, text, reply, request_id)
+                except DefenceStateUnavailable:
+                    raise Refusal(503, "Service unavailable",
+                                  "The gateway's state store is unavailable; retry later.",
+                                  {"Retry-After": "1"}) from None
             body = _answer_body(reply, request_id, model_version)
         except Refusal as refusal:
             if refusal.status in (400, 413):

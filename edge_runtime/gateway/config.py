@@ -174,6 +174,9 @@ class DefencesConfig:
     audit_log: str = "gateway-audit.jsonl"  # JSON lines, one per tier change
     reference_data: str | None = None  # folder with train and val splits
     monitor: bool = True  # behavioural monitoring: allow, degrade, block
+    randomize: bool = True  # keyed choice between near-tied top-two labels
+    watermark: bool = True  # a keyed alternative answer for a small share of queries
+    watermark_rate: float = 0.005  # share of queries marked, at most 0.005
 
 
 @dataclass(frozen=True)
@@ -579,6 +582,10 @@ class _ConfigParser:
         if not defences.audit_log:
             self.fail("defences.audit_log", defences.audit_log,
                       "the path of the audit log file, for example 'gateway-audit.jsonl'")
+        if not 0.0 < defences.watermark_rate <= 0.005:
+            self.fail("defences.watermark_rate", defences.watermark_rate,
+                      "a share above 0 and at most 0.005: each marked query is a wrong "
+                      "answer to an honest client")
         if defences.enabled and defences.monitor and not defences.reference_data:
             self.fail_missing("defences.reference_data",
                               "the folder of the teacher's training data (train and val "

@@ -1,13 +1,18 @@
 """The extraction defences as the gateway applies them to each request.
 
 ``Defences.admit`` runs before the teacher: a client the monitor has blocked gets a 403. The
-teacher's answer then goes through ``Defences.record``, which feeds the behavioural monitor.
-Every tier change is counted in the metrics and written to the audit log by the monitor.
+teacher's answer then goes through ``Defences.answer``: a near tie between its top two
+labels is broken by a keyed hash of the query (wider for degraded clients), and a keyed
+0.5% of queries get the watermark's alternative, recorded in the ledger with a control
+sample. ``Defences.record`` then shows the query and the answer given to the behavioural
+monitor. Tier changes are counted in the metrics and written to the audit log.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from edge_runtime.errors import ConfigError
@@ -23,7 +28,9 @@ from edge_runtime.gateway.monitor import (
     TextFeaturizer,
 )
 from edge_runtime.gateway.observability import GatewayMetrics
+from edge_runtime.gateway.randomize import KeyedRandomizer, normalize_query, secret_from_env
 from edge_runtime.gateway.state import StateStore, StateUnavailable, create_state_store
+from edge_runtime.gateway.watermark import Watermark, WatermarkLedger
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +47,49 @@ class Defences:
     """Apply the configured defences; ``monitor`` None turns monitoring off."""
 
     def __init__(self, monitor: ClientMonitor | None, store: StateStore | None,
-                 metrics: GatewayMetrics, fail_open: bool):
+                 metrics: GatewayMetrics, fail_open: bool,
+                 randomizer: KeyedRandomizer | None = None,
+                 watermark: Watermark | None = None, ledger: WatermarkLedger | None = None,
+                 labels: Sequence[str] = ()):
         self.monitor = monitor
         self.store = store
         self.metrics = metrics
         self.fail_open = fail_open
+        self.randomizer = randomizer
+        self.watermark = watermark
+        self.ledger = ledger
+        self.labels = tuple(labels)
+
+    async def answer(self, client_id: str, text: str, reply: TeacherReply, tier: str,
+                     request_id: str) -> TeacherReply:
+        """Return the reply to send: the keyed near-tie choice, or the watermark's alternative.
+
+        Only label answers with the teacher's candidates change; tool calls and text pass.
+        """
+        if reply.label is None or not reply.candidates:
+            return reply
+        top = reply.candidates[0][0]
+        label = top
+        if self.randomizer is not None:
+            label = self.randomizer.choose(text, reply.candidates, tier)
+            if label != top:
+                self.metrics.defence_actions.labels(action="randomized").inc()
+        if self.watermark is not None:
+            normalized = normalize_query(text)
+            try:
+                if self.watermark.is_marked(normalized):
+                    label = self.watermark.alternative(normalized, reply.candidates,
+                                                       self.labels)
+                    self.metrics.defence_actions.labels(action="watermarked").inc()
+                    await self.ledger.record(client_id, normalized, label, top, True)
+                elif self.watermark.is_control(normalized):
+                    alternative = self.watermark.alternative(normalized, reply.candidates,
+                                                             self.labels)
+                    await self.ledger.record(client_id, normalized, label, top, False,
+                                             alternative=alternative)
+            except StateUnavailable as exc:
+                self._state_failed(exc, request_id)
+        return replace(reply, label=label)
 
     async def admit(self, client_id: str, request_id: str) -> str:
         """Return the client's tier; raise ClientBlocked for a blocked client."""
@@ -92,12 +137,24 @@ class Defences:
         raise DefenceStateUnavailable(str(exc))
 
 
-def build_defences(config: GatewayConfig, metrics: GatewayMetrics) -> Defences | None:
-    """Build the defences that ``config.defences`` turns on, or None when they are off."""
+def build_defences(config: GatewayConfig, metrics: GatewayMetrics,
+                   labels: Sequence[str] = ()) -> Defences | None:
+    """Build the defences that ``config.defences`` turns on, or None when they are off.
+
+    ``labels`` is the teacher's label space, from which the watermark may pick."""
     settings = config.defences
     if not settings.enabled:
         return None
-    monitor = store = None
+    monitor = None
+    store = create_state_store(config.rate_limit.backend, config.rate_limit.redis_url)
+    randomizer = watermark = ledger = None
+    if settings.randomize or settings.watermark:
+        secret = secret_from_env(settings.secret_env)
+        if settings.randomize:
+            randomizer = KeyedRandomizer(secret)
+        if settings.watermark:
+            watermark = Watermark(secret, rate=settings.watermark_rate)
+            ledger = WatermarkLedger(store)
     if settings.monitor:
         from edge_runtime.data import load_split
 
@@ -112,10 +169,10 @@ def build_defences(config: GatewayConfig, metrics: GatewayMetrics) -> Defences |
         reference = ReferenceSet.build(featurizer, [example.text for example in train],
                                        [example.label for example in train],
                                        [example.text for example in held_out])
-        store = create_state_store(config.rate_limit.backend, config.rate_limit.redis_url)
         audit = AuditLog(Path(settings.audit_log))
         monitor = ClientMonitor(store, featurizer, reference, audit=audit)
         log.info("behavioural monitor on: reference of %d training queries, audit log %s",
                  len(train), settings.audit_log)
     return Defences(monitor, store, metrics,
-                    fail_open=config.rate_limit.on_backend_error == "open")
+                    fail_open=config.rate_limit.on_backend_error == "open",
+                    randomizer=randomizer, watermark=watermark, ledger=ledger, labels=labels)

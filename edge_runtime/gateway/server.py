@@ -66,6 +66,7 @@ def build_gateway(config: GatewayConfig, trust: TrustPolicy | None = None,
                                               trust=trust)
         manifest = classifier.package.manifest
         _check_teacher_role(manifest.raw, teacher.package)
+        labels = classifier.labels
         backend = OnnxTeacherBackend(classifier)
         model_version = f"{manifest.name}@{manifest.version}"
     else:
@@ -87,7 +88,7 @@ def build_gateway(config: GatewayConfig, trust: TrustPolicy | None = None,
                     " use this only for load tests and evaluation on loopback")
         limiter = None
     metrics = GatewayMetrics()
-    defences = build_defences(config, metrics)
+    defences = build_defences(config, metrics, labels or ())
     return create_app(config, backend, limiter, model_version, metrics=metrics,
                       defences=defences)
 
