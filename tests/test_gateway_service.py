@@ -1298,3 +1298,72 @@ def test_defences_without_secret_refuse_to_start(tmp_path):
     assert result.returncode == 2
     assert "EDGE_GATEWAY_DEFENCE_SECRET" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def tool(name: str, description: str, **properties: str) -> dict[str, Any]:
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object",
+                       "properties": {key: {"type": kind} for key, kind in properties.items()}},
+    }}
+
+
+CLIENT_TOOLS = [
+    tool("set_alarm", "Set an alarm for a time", time="string"),
+    tool("get_weather", "Get the weather forecast for a city", city="string"),
+    tool("transfer_money", "Transfer money between bank accounts", amount="number"),
+    tool("check_balance", "Check the balance of a bank account"),
+    tool("book_flight", "Book a flight to a city", destination="string"),
+]
+
+
+def test_decoys_spare_honest_client_and_canary_refused(tmp_path):
+    import time as clock
+
+    from edge_runtime.data import load_split
+    from edge_runtime.gateway.backends import ToolSpec
+    from edge_runtime.gateway.decoys import DecoyFactory
+
+    secret_hex = "7c" * 32
+    device = ClientKey("tool-device", "high")
+    config = write_config(tmp_path / "decoys.toml", {
+        "teacher": onnx_teacher(TEACHER_PACKAGE),
+        "rate_limit": {"backend": "memory", "per_address": HIGH_LIMIT},
+        "defences": {"enabled": True, "monitor": False, "randomize": False,
+                     "watermark": False, "audit_log": str(tmp_path / "audit.jsonl")},
+    }, {"high": HIGH_LIMIT}, (device,))
+    queries = [example.text for example in load_split(CLINC150_DIR, "test")[:3000:30]]
+    real_names = {entry["function"]["name"] for entry in CLIENT_TOOLS}
+    # The same secret, tenant and period as the gateway give the same decoys.
+    factory = DecoyFactory(bytes.fromhex(secret_hex), 86400, known_tenants=["tests"])
+    now = clock.time()
+    real = [ToolSpec.from_openai(entry) for entry in CLIENT_TOOLS]
+    decoys = factory.decoys("tests", now, real, 8)
+    canary = next(decoy for decoy in decoys if factory.is_canary([decoy], "tests", now))
+    gateway = launch_gateway(config, env={"EDGE_GATEWAY_DEFENCE_SECRET": secret_hex})
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=CLIENT_TIMEOUT) as http:
+            replies = [http.post("/v1/predict", json={"text": text, "tools": CLIENT_TOOLS},
+                                 headers=device.headers) for text in queries]
+            caught = http.post("/v1/predict",
+                               json={"text": "what is my balance",
+                                     "tools": [*CLIENT_TOOLS, canary.to_openai()]},
+                               headers=device.headers)
+            after = http.post("/v1/predict", json={"text": "what is my balance"},
+                              headers=device.headers)
+            samples = read_metrics(http.get("/metrics").text)
+    finally:
+        gateway.stop()
+
+    bodies = [reply.json() for reply in replies]
+    tool_calls = [body["tool_call"]["name"] for body in bodies if "tool_call" in body]
+    assert [reply.status_code for reply in replies] == [200] * len(queries)
+    assert tool_calls
+    assert set(tool_calls) <= real_names
+    # The canary request is refused before its decoys count as offered.
+    offered = metric(samples, "edge_gateway_defence_actions_total", action="decoy_offered")
+    assert offered == len(queries)
+    assert_problem(caught, 403)
+    assert metric(samples, "edge_gateway_defence_actions_total", action="canary") == 1
+    # Without the monitor the canary refuses that request only.
+    assert after.status_code == 200

@@ -64,6 +64,8 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 # so that it cannot forge log lines or headers.
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 ANSWER_FIELDS = ("label", "tool_call", "text")
+BLOCKED_DETAIL = ("This client is suspended because its queries look like model extraction; "
+                  "contact the operator of this service.")
 
 
 class Refusal(Exception):
@@ -147,9 +149,7 @@ def create_app(
         try:
             return await defences.admit(client_id, request_id)
         except ClientBlocked:
-            raise Refusal(403, "Forbidden",
-                          "This client is suspended because its queries look like model "
-                          "extraction; contact the operator of this service.") from None
+            raise Refusal(403, "Forbidden", BLOCKED_DETAIL) from None
         except DefenceStateUnavailable:
             raise Refusal(503, "Service unavailable",
                           "The gateway's state store is unavailable; retry later.",
@@ -187,7 +187,19 @@ def create_app(
             client_id = f"key:{record.id}" if record is not None else f"address:{client}"
             tier = await admit(client_id, request_id) if defences is not None else "allow"
             text, tools = await _read_query(request, limits, body_timeout)
-            reply = await backend.predict(text, tools, request_id)
+            if defences is not None:
+                tenant = record.tenant if record is not None else "default"
+                try:
+                    reply = await defences.ask(backend, text, tools, client_id, tenant, tier,
+                                               request_id)
+                except ClientBlocked:
+                    raise Refusal(403, "Forbidden", BLOCKED_DETAIL) from None
+                except DefenceStateUnavailable:
+                    raise Refusal(503, "Service unavailable",
+                                  "The gateway's state store is unavailable; retry later.",
+                                  {"Retry-After": "1"}) from None
+            else:
+                reply = await backend.predict(text, tools, request_id)
             if defences is not None:
                 try:
                     reply = await defences.answer(client_id, text, reply, tier, request_id)

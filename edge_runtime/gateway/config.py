@@ -177,6 +177,11 @@ class DefencesConfig:
     randomize: bool = True  # keyed choice between near-tied top-two labels
     watermark: bool = True  # a keyed alternative answer for a small share of queries
     watermark_rate: float = 0.005  # share of queries marked, at most 0.005
+    decoys: bool = True  # decoy tools mixed into the tools of requests that send tools
+    decoys_per_request: int = 2
+    decoy_rotation_seconds: int = 86400  # decoys change every period
+    decoy_strategy_allow: str = "retry_masked"  # what a decoy choice leads to for honest
+    decoy_strategy_degrade: str = "return_decoy"  # ... and for degraded clients
 
 
 @dataclass(frozen=True)
@@ -586,6 +591,20 @@ class _ConfigParser:
             self.fail("defences.watermark_rate", defences.watermark_rate,
                       "a share above 0 and at most 0.005: each marked query is a wrong "
                       "answer to an honest client")
+        strategies = ("retry_masked", "simulate", "force_real", "return_decoy")
+        for name in ("decoy_strategy_allow", "decoy_strategy_degrade"):
+            value = getattr(defences, name)
+            allowed = strategies[:3] if name == "decoy_strategy_allow" else strategies
+            if value not in allowed:
+                self.fail(f"defences.{name}", value, " or ".join(repr(item) for item in allowed)
+                          + (" (honest clients never receive a decoy)"
+                             if name == "decoy_strategy_allow" else ""))
+        if not 0 <= defences.decoys_per_request <= 8:
+            self.fail("defences.decoys_per_request", defences.decoys_per_request,
+                      "an integer from 0 to 8")
+        if defences.decoy_rotation_seconds < 60:
+            self.fail("defences.decoy_rotation_seconds", defences.decoy_rotation_seconds,
+                      "at least 60 seconds")
         if defences.enabled and defences.monitor and not defences.reference_data:
             self.fail_missing("defences.reference_data",
                               "the folder of the teacher's training data (train and val "

@@ -1,11 +1,12 @@
 """The extraction defences as the gateway applies them to each request.
 
-``Defences.admit`` runs before the teacher: a client the monitor has blocked gets a 403. The
-teacher's answer then goes through ``Defences.answer``: a near tie between its top two
-labels is broken by a keyed hash of the query (wider for degraded clients), and a keyed
-0.5% of queries get the watermark's alternative, recorded in the ledger with a control
-sample. ``Defences.record`` then shows the query and the answer given to the behavioural
-monitor. Tier changes are counted in the metrics and written to the audit log.
+``Defences.admit`` runs before the teacher: a client the monitor has blocked gets a 403.
+``Defences.ask`` sends a request with tools through the decoy orchestrator, and blocks a
+client whose tools name a decoy. ``Defences.answer`` then breaks a near tie between the
+teacher's top two labels by a keyed hash of the query (wider for degraded clients), and gives
+a keyed 0.5% of queries the watermark's alternative, recorded in the ledger with a control
+sample. ``Defences.record`` shows the query and the answer given to the behavioural monitor.
+Tier changes are counted in the metrics and written to the audit log.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.gateway.backends import TeacherReply
+from edge_runtime.gateway.backends import TeacherBackend, TeacherReply, ToolSpec
 from edge_runtime.gateway.config import GatewayConfig
+from edge_runtime.gateway.decoys import DecoyFactory
 from edge_runtime.gateway.monitor import (
     BLOCK,
     DEGRADE,
@@ -28,6 +30,7 @@ from edge_runtime.gateway.monitor import (
     TextFeaturizer,
 )
 from edge_runtime.gateway.observability import GatewayMetrics
+from edge_runtime.gateway.orchestrator import IntentToolRouter, Orchestrator
 from edge_runtime.gateway.randomize import KeyedRandomizer, normalize_query, secret_from_env
 from edge_runtime.gateway.state import StateStore, StateUnavailable, create_state_store
 from edge_runtime.gateway.watermark import Watermark, WatermarkLedger
@@ -50,7 +53,7 @@ class Defences:
                  metrics: GatewayMetrics, fail_open: bool,
                  randomizer: KeyedRandomizer | None = None,
                  watermark: Watermark | None = None, ledger: WatermarkLedger | None = None,
-                 labels: Sequence[str] = ()):
+                 labels: Sequence[str] = (), orchestrator: Orchestrator | None = None):
         self.monitor = monitor
         self.store = store
         self.metrics = metrics
@@ -59,6 +62,32 @@ class Defences:
         self.watermark = watermark
         self.ledger = ledger
         self.labels = tuple(labels)
+        self.orchestrator = orchestrator
+
+    async def ask(self, backend: TeacherBackend, text: str, tools: list[ToolSpec] | None,
+                  client_id: str, tenant: str, tier: str, request_id: str) -> TeacherReply:
+        """Ask the teacher, through the decoy orchestrator when the request carries tools.
+
+        Raises ClientBlocked when the client's tool list names a decoy (a canary): only a
+        client that harvested an earlier answer can know one."""
+        if self.orchestrator is None or not tools:
+            return await backend.predict(text, tools, request_id)
+        outcome = await self.orchestrator.run(text, tools, tenant, tier, backend, request_id)
+        if outcome.canaries:
+            self.metrics.defence_actions.labels(action="canary").inc()
+            log.warning("decoy tool names in a client's request", extra={
+                "request_id": request_id, "client_id": client_id, "count": len(outcome.canaries)})
+            if self.monitor is not None:
+                try:
+                    await self.monitor.flag(client_id, "decoy tool name in the request")
+                except StateUnavailable as exc:
+                    self._state_failed(exc, request_id)
+            raise ClientBlocked(client_id)
+        if outcome.decoy_offered:
+            self.metrics.defence_actions.labels(action="decoy_offered").inc()
+        if outcome.decoy_chosen is not None:
+            self.metrics.defence_actions.labels(action="decoy_chosen").inc()
+        return outcome.reply
 
     async def answer(self, client_id: str, text: str, reply: TeacherReply, tier: str,
                      request_id: str) -> TeacherReply:
@@ -147,14 +176,22 @@ def build_defences(config: GatewayConfig, metrics: GatewayMetrics,
         return None
     monitor = None
     store = create_state_store(config.rate_limit.backend, config.rate_limit.redis_url)
-    randomizer = watermark = ledger = None
-    if settings.randomize or settings.watermark:
+    randomizer = watermark = ledger = orchestrator = None
+    if settings.randomize or settings.watermark or settings.decoys:
         secret = secret_from_env(settings.secret_env)
         if settings.randomize:
             randomizer = KeyedRandomizer(secret)
         if settings.watermark:
             watermark = Watermark(secret, rate=settings.watermark_rate)
             ledger = WatermarkLedger(store)
+        if settings.decoys:
+            factory = DecoyFactory(secret, settings.decoy_rotation_seconds,
+                                   known_tenants=sorted({key.tenant for key in config.keys}))
+            router = IntentToolRouter(labels) if config.teacher.backend == "onnx" else None
+            orchestrator = Orchestrator(
+                factory, {"allow": settings.decoy_strategy_allow,
+                          "degrade": settings.decoy_strategy_degrade},
+                settings.decoys_per_request, router=router)
     if settings.monitor:
         from edge_runtime.data import load_split
 
@@ -175,4 +212,5 @@ def build_defences(config: GatewayConfig, metrics: GatewayMetrics,
                  len(train), settings.audit_log)
     return Defences(monitor, store, metrics,
                     fail_open=config.rate_limit.on_backend_error == "open",
-                    randomizer=randomizer, watermark=watermark, ledger=ledger, labels=labels)
+                    randomizer=randomizer, watermark=watermark, ledger=ledger, labels=labels,
+                    orchestrator=orchestrator)

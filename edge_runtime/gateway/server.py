@@ -41,9 +41,10 @@ def build_gateway(config: GatewayConfig, trust: TrustPolicy | None = None,
     describes. ``trust`` verifies teacher packages; by default it trusts the config's
     ``teacher.signer_keys``."""
     from edge_runtime.gateway.app import create_app
-    from edge_runtime.gateway.backends import OnnxTeacherBackend, OpenAIChatBackend
+    from edge_runtime.gateway.backends import OnnxTeacherBackend
     from edge_runtime.gateway.defences import build_defences
     from edge_runtime.gateway.observability import GatewayMetrics
+    from edge_runtime.gateway.orchestrator import OpenAIToolLoopBackend
     from edge_runtime.gateway.ratelimit import create_rate_limiter
 
     teacher = config.teacher
@@ -73,7 +74,8 @@ def build_gateway(config: GatewayConfig, trust: TrustPolicy | None = None,
         labels = None
         if teacher.labels_from is not None:
             labels = read_package(teacher.labels_from, trust).manifest.labels
-        backend = OpenAIChatBackend(
+        # The tool-loop variant can send a simulated decoy result back for a second turn.
+        backend = OpenAIToolLoopBackend(
             teacher.base_url, teacher.model, api_key=teacher.read_api_key(environ),
             connect_timeout=teacher.connect_timeout, read_timeout=teacher.read_timeout,
             max_output_chars=config.limits.max_output_chars,
