@@ -29,6 +29,8 @@ FIRST_RETRY_DELAY = 1.0  # seconds; doubles after each retry
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
+    # edge_runtime.cli imports this module, so its helper is imported once the parser is built.
+    from edge_runtime.cli import positive_int
     from edge_runtime.gateway.watermark import DEFAULT_CONTROL_ALPHA, DEFAULT_MAX_QUERIES
 
     watermark = commands.add_parser("watermark",
@@ -56,14 +58,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="tokenizer.json of an .onnx suspect")
     verify.add_argument("--labels", metavar="FILE",
                         help="JSON list of an .onnx suspect's labels, in logit order")
-    verify.add_argument("--max-length", type=_positive_int, default=DEFAULT_MAX_LENGTH,
+    verify.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH,
                         help="tokens per query for an .onnx suspect (default: %(default)s)")
     verify.add_argument("--api-key-env", metavar="VAR",
                         help="environment variable holding the API key of a --url suspect")
     verify.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for each response of a --url suspect "
                              "(default: %(default)s)")
-    verify.add_argument("--max-queries", type=_positive_int, default=DEFAULT_MAX_QUERIES,
+    verify.add_argument("--max-queries", type=positive_int, default=DEFAULT_MAX_QUERIES,
                         help="queries sent to the suspect, controls included "
                              "(default: %(default)s)")
     verify.add_argument("--control-alpha", type=float, default=DEFAULT_CONTROL_ALPHA,
@@ -280,11 +282,3 @@ def _read_labels(path: Path) -> list[str]:
     return labels
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return number

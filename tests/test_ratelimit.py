@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 pytest.importorskip("redis")
 
 from edge_runtime.errors import ConfigError, EdgeRuntimeError  # noqa: E402
+from edge_runtime.gateway.config import mask_url_credentials
 from edge_runtime.gateway.ratelimit import (  # noqa: E402
     Decision,
     MemoryRateLimiter,
@@ -30,7 +31,6 @@ from edge_runtime.gateway.ratelimit import (  # noqa: E402
     RedisRateLimiter,
     create_rate_limiter,
     rate_limit_headers,
-    redact_url,
     retry_after_header,
 )
 from tests.conftest import ROOT, free_loopback_port  # noqa: E402
@@ -346,8 +346,8 @@ def test_redis_rejects_invalid_timeout():
     ("redis://topsecret@cache:6379", "redis://***@cache:6379"),
     ("unix:///run/redis.sock?db=0&password=hunter2", "unix:///run/redis.sock?db=0&password=***"),
 ])
-def test_redact_url(url, expected):
-    assert redact_url(url) == expected
+def test_redis_url_masked(url, expected):
+    assert mask_url_credentials(url) == expected
 
 
 # --- Redis backend -----------------------------------------------------------------------------

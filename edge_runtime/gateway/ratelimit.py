@@ -41,6 +41,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
+from edge_runtime.gateway.config import mask_url_credentials
 
 log = logging.getLogger(__name__)
 
@@ -271,30 +272,6 @@ return {1, remaining, 0, reset_after}
 """
 
 
-def redact_url(url: str) -> str:
-    """Return ``url`` with its user part and any password in the query replaced by ``***``.
-
-    The whole user part is masked, because ``redis://secret@host`` puts a password where a
-    user name would be."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable Redis URL>"
-    netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at:
-        netloc = f"***@{hostport}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    # urlunsplit drops an empty authority, which would turn unix:///path into unix:/path.
-    authority = "//" if netloc or url[len(parts.scheme) + 1:].startswith("//") else ""
-    redacted = f"{parts.scheme}:{authority}{netloc}{parts.path}"
-    if query:
-        redacted += f"?{query}"
-    if parts.fragment:
-        redacted += f"#{parts.fragment}"
-    return redacted
-
-
 def _url_passwords(url: str) -> list[str]:
     """Return the secrets in ``url`` (user name, password, password query parameter) as written
     and percent-decoded, longest first."""
@@ -326,7 +303,7 @@ class RedisRateLimiter(RateLimiter):
         if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
             raise ConfigError(f"invalid Redis timeout {timeout!r}; set it to a number of "
                               "seconds above 0, for example 0.5")
-        self.url = redact_url(url)
+        self.url = mask_url_credentials(url)
         self.prefix = prefix
         self._timeout = float(timeout)
         self._secrets = _url_passwords(url)

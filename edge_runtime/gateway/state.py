@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from edge_runtime.errors import ConfigError, EdgeRuntimeError
+from edge_runtime.gateway.config import mask_url_credentials
 
 DEFAULT_PREFIX = "edge-gw:state:"
 DEFAULT_TIMEOUT = 0.5  # seconds for one Redis round trip
@@ -135,9 +136,7 @@ class RedisStateStore(StateStore):
         except ImportError:
             raise ConfigError("the Redis state store needs the 'gateway' extra: "
                               "pip install 'edge-runtime[gateway]'") from None
-        from edge_runtime.gateway.ratelimit import redact_url
-
-        self.url = redact_url(url)
+        self.url = mask_url_credentials(url)
         self._prefix = prefix
         self._timeout = timeout
         self._client = redis_asyncio.Redis.from_url(url, socket_timeout=timeout,
