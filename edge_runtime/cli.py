@@ -250,8 +250,8 @@ CONFIG_ENV = "EDGE_GATEWAY_CONFIG"  # path of the gateway config when --config i
 
 
 def teacher_api_key() -> str | None:
-    """The gateway API key from EDGE_RUNTIME_API_KEY: an environment variable, because a
-    command-line argument is visible to every user of the machine."""
+    """Return the gateway API key from EDGE_RUNTIME_API_KEY, or None. It is read from the
+    environment because a command-line argument is visible to every user of the machine."""
     return os.environ.get(API_KEY_ENV) or None
 
 

@@ -247,8 +247,14 @@ def create_app(
         limiter_state = "ok" if limiter_ok else (
             "degraded" if on_limiter_error == "open" else "unavailable")
         serving = backend_ok and limiter_state != "unavailable"
+        if not serving:
+            status = "unavailable"
+        elif limiter_ok:
+            status = "ok"
+        else:
+            status = "degraded"
         body = {
-            "status": ("ok" if limiter_ok else "degraded") if serving else "unavailable",
+            "status": status,
             "model_version": model_version,
             "backend": {"status": "ok" if backend_ok else "unavailable"},
             "rate_limiter": {"backend": limiter.backend if limiter is not None else "off",

@@ -3,10 +3,11 @@
 ``Defences.admit`` runs before the teacher: a client the monitor has blocked gets a 403.
 ``Defences.ask`` sends a request with tools through the decoy orchestrator, and blocks a
 client whose tools name a decoy. ``Defences.answer`` then breaks a near tie between the
-teacher's top two labels by a keyed hash of the query (wider for degraded clients), and gives
-a keyed 0.5% of queries the watermark's alternative, recorded in the ledger with a control
-sample. ``Defences.record`` shows the query and the answer given to the behavioural monitor.
-Tier changes are counted in the metrics and written to the audit log.
+teacher's top two labels by a keyed hash of the query, with a wider margin for degraded
+clients. It also gives a keyed 0.5% of queries the watermark's alternative and records them
+in the ledger with a control sample. ``Defences.record`` passes the query and the label
+returned for it to the behavioural monitor. Tier changes are counted in the metrics and
+written to the audit log.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ log = logging.getLogger(__name__)
 
 
 class ClientBlocked(Exception):
-    """The monitor has blocked this client; the gateway answers 403."""
+    """Error for a client that the monitor has blocked; the gateway returns 403."""
 
 
 class DefenceStateUnavailable(Exception):
-    """The defences' state store is down and the gateway fails closed; it answers 503."""
+    """Error for a state store that is down while the gateway fails closed; it returns 503."""
 
 
 class Defences:
@@ -68,8 +69,8 @@ class Defences:
                   client_id: str, tenant: str, tier: str, request_id: str) -> TeacherReply:
         """Ask the teacher, through the decoy orchestrator when the request carries tools.
 
-        Raises ClientBlocked when the client's tool list names a decoy (a canary): only a
-        client that harvested an earlier answer can know one."""
+        Raises ClientBlocked when the client's tool list names a decoy (a canary), because
+        only a client that harvested an earlier reply can know a decoy's name."""
         if self.orchestrator is None or not tools:
             return await backend.predict(text, tools, request_id)
         outcome = await self.orchestrator.run(text, tools, tenant, tier, backend, request_id)
@@ -135,7 +136,7 @@ class Defences:
 
     async def record(self, client_id: str, text: str, reply: TeacherReply,
                      request_id: str) -> MonitorVerdict | None:
-        """Show the monitor the query and the answer it got."""
+        """Pass the query and the label or tool returned for it to the monitor."""
         if self.monitor is None:
             return None
         answer = reply.label if reply.label is not None else (
