@@ -37,26 +37,28 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import io
-import logging
 import os
-import queue
-import secrets
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hpke, serialization
+from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from edge_runtime import keyformat
+from edge_runtime._log import get_logger
+from edge_runtime._value import FrozenValue
 from edge_runtime.errors import PackageError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pathlib import Path
+
+log = get_logger(__name__)
 
 CONTENT_KEY_BYTES = 32
 GCM_TAG_BYTES = 16
@@ -104,6 +106,8 @@ MAX_SCRYPT_MEMORY_BYTES = 1024**3
 _MEMBER_AAD_LABEL = b"edge-runtime member " + MEMBER_ALGORITHM.encode("ascii")
 _HPKE_INFO_LABEL = b"edge-runtime content key wrap hpke-v1"
 _PASSPHRASE_AAD_LABEL = b"edge-runtime content key wrap scrypt-aes-256-gcm-v1"
+_KEY_COMMITMENT_LABEL = b"edge-runtime content key commitment hmac-sha256-v1"
+KEY_COMMITMENT_BYTES = 32
 
 WRAP_TYPE_HPKE = "hpke"
 WRAP_TYPE_PASSPHRASE = "passphrase"
@@ -133,18 +137,24 @@ class DeviceKeyError(PackageError):
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EncryptedMember:
+class EncryptedMember(FrozenValue):
     """One member encrypted with segmented AES-256-GCM.
 
     ``ciphertext`` is the member's body in the package. The other fields form its header, which
     ``to_dict`` returns for the manifest.
     """
 
+    __slots__ = ("nonce_prefix", "segment_size", "plaintext_size", "ciphertext")
+    _hidden_in_repr = frozenset({"ciphertext"})
     nonce_prefix: bytes
     segment_size: int
     plaintext_size: int
-    ciphertext: bytes = field(repr=False)
+    ciphertext: bytes
+
+    def __init__(self, nonce_prefix: bytes, segment_size: int, plaintext_size: int,
+                 ciphertext: bytes):
+        self._init(nonce_prefix=nonce_prefix, segment_size=segment_size,
+                   plaintext_size=plaintext_size, ciphertext=ciphertext)
 
     @property
     def segment_count(self) -> int:
@@ -194,7 +204,7 @@ def segment_count(plaintext_size: int, segment_size: int) -> int:
 
 def generate_content_key() -> bytes:
     """Return a new random 32-byte content key. Use a fresh one for every package build."""
-    return secrets.token_bytes(CONTENT_KEY_BYTES)
+    return os.urandom(CONTENT_KEY_BYTES)
 
 
 def encrypt_member(
@@ -226,7 +236,7 @@ def encrypt_member(
         )
     aad = _member_aad(package_name, version, member, segment_size, len(plaintext), EncryptionError)
 
-    nonce_prefix = secrets.token_bytes(NONCE_PREFIX_BYTES)
+    nonce_prefix = os.urandom(NONCE_PREFIX_BYTES)
     view = memoryview(plaintext)
     segments = []
     for index in range(count):
@@ -392,6 +402,8 @@ class _DigestWorker:
     """Feed chunks to a hashlib object in a background thread, in order."""
 
     def __init__(self, digest: Any):
+        import queue  # imported here: packages with a key commitment skip plaintext hashing
+
         self._digest = digest
         self._pending: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="segment-digest", daemon=True)
@@ -462,18 +474,23 @@ def _check_member_header(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HpkeWrap:
+class HpkeWrap(FrozenValue):
     """The content key encrypted to one device public key with HPKE (RFC 9180, base mode).
 
     ``enc`` is the encapsulated ephemeral key and ``ciphertext`` the sealed content key with
     its 16-byte tag. The HPKE info binds the suite, package name, version and recipient key id.
     """
 
+    __slots__ = ("suite", "recipient_key_id", "enc", "ciphertext")
+    _hidden_in_repr = frozenset({"enc", "ciphertext"})
     suite: str
     recipient_key_id: str
-    enc: bytes = field(repr=False)
-    ciphertext: bytes = field(repr=False)
+    enc: bytes
+    ciphertext: bytes
+
+    def __init__(self, suite: str, recipient_key_id: str, enc: bytes, ciphertext: bytes):
+        self._init(suite=suite, recipient_key_id=recipient_key_id, enc=enc,
+                   ciphertext=ciphertext)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -514,20 +531,24 @@ class HpkeWrap:
         )
 
 
-@dataclass(frozen=True)
-class PassphraseWrap:
+class PassphraseWrap(FrozenValue):
     """The content key encrypted with AES-256-GCM under a key derived from a passphrase by scrypt.
 
     For development only: a passphrase shipped with a device is as good as no encryption. The
     GCM associated data binds the package name and version.
     """
 
-    salt: bytes = field(repr=False)
+    __slots__ = ("salt", "n", "r", "p", "nonce", "ciphertext")
+    _hidden_in_repr = frozenset({"salt", "nonce", "ciphertext"})
+    salt: bytes
     n: int
     r: int
     p: int
-    nonce: bytes = field(repr=False)
-    ciphertext: bytes = field(repr=False)
+    nonce: bytes
+    ciphertext: bytes
+
+    def __init__(self, salt: bytes, n: int, r: int, p: int, nonce: bytes, ciphertext: bytes):
+        self._init(salt=salt, n=n, r=r, p=p, nonce=nonce, ciphertext=ciphertext)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -600,6 +621,37 @@ def wrap_from_dict(data: Any) -> Wrap:
         f"wrap type {wrap_type!r:.40} is not supported; expected "
         f"{WRAP_TYPE_HPKE!r} or {WRAP_TYPE_PASSPHRASE!r}"
     )
+
+
+def key_commitment(content_key: bytes, package_name: str, version: int) -> str:
+    """Return the commitment to a content key that a signed manifest carries (base64).
+
+    The commitment is HMAC-SHA256 keyed with the content key over a label, the package name
+    and the version. AES-GCM alone does not commit to its key: whoever builds a package could
+    wrap two different keys under which the same ciphertext authenticates and decrypts to two
+    different plaintexts, for two groups of devices. A reader that finds the unwrapped key
+    matching the signed commitment knows every device holds the same key, so the signed
+    ciphertext decrypts to the same plaintext everywhere, and need not hash the plaintext.
+    """
+    key = _check_content_key(content_key, EncryptionError)
+    message = _encode_fields(_KEY_COMMITMENT_LABEL,
+                             _encode_text(package_name, "package name", EncryptionError),
+                             _encode_version(version, EncryptionError))
+    return _b64encode(hmac.digest(key, message, "sha256"))
+
+
+def check_key_commitment(content_key: bytes, package_name: str, version: int,
+                         expected: Any) -> None:
+    """Raise DecryptionError unless ``content_key`` matches the manifest's commitment."""
+    expected_bytes = _require_b64({"key_commitment": expected}, "key_commitment",
+                                  "manifest 'encryption'", KEY_COMMITMENT_BYTES)
+    actual = base64.b64decode(key_commitment(content_key, package_name, version))
+    if not hmac.compare_digest(actual, expected_bytes):
+        raise DecryptionError(
+            f"package {package_name!r} version {version}: the unwrapped content key does not "
+            "match the key commitment in the signed manifest; the key wrap was made for "
+            "another build of this package"
+        )
 
 
 def wrap_content_key(
@@ -703,8 +755,8 @@ def wrap_content_key_with_passphrase(
         version,
     )
 
-    salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
-    nonce = secrets.token_bytes(GCM_NONCE_BYTES)
+    salt = os.urandom(SCRYPT_SALT_BYTES)
+    nonce = os.urandom(GCM_NONCE_BYTES)
     kek = _derive_passphrase_key(secret, salt, n, r, p, EncryptionError)
     ciphertext = AESGCM(kek).encrypt(nonce, content_key, aad)
     return PassphraseWrap(salt=salt, n=n, r=r, p=p, nonce=nonce, ciphertext=ciphertext)
@@ -862,9 +914,9 @@ def device_key_id(key: DevicePrivateKey | DevicePublicKey) -> str:
         public_key = key.public_key()
     else:
         public_key = key
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    der = keyformat.public_key_der(public_key)
+    if der is None:  # unreachable for the two suites _suite_for_key accepts
+        raise DeviceKeyError(f"cannot encode {type(public_key).__name__} as SubjectPublicKeyInfo")
     return hashlib.sha256(der).hexdigest()
 
 
@@ -876,6 +928,8 @@ def save_private_key(
     With a password, the PEM is encrypted with the best algorithm that ``cryptography`` offers.
     The file is replaced atomically.
     """
+    from cryptography.hazmat.primitives import serialization  # writers only; see keyformat
+
     _suite_for_key(key, DeviceKeyError)
     if password is None:
         encryption: serialization.KeySerializationEncryption = serialization.NoEncryption()
@@ -886,18 +940,23 @@ def save_private_key(
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    _write_atomically(Path(path), pem, mode=0o600)
+    _write_atomically(path, pem, mode=0o600)
 
 
 def load_private_key(path: str | Path, password: bytes | None = None) -> DevicePrivateKey:
     """Read a P-256 or X25519 device private key from a PEM file."""
-    return load_private_key_pem(_read_key_file(Path(path)), password, source=str(path))
+    return load_private_key_pem(_read_key_file(path), password, source=os.fsdecode(path))
 
 
 def load_private_key_pem(
     pem: bytes, password: bytes | None = None, source: str = "PEM text"
 ) -> DevicePrivateKey:
     """Load a P-256 or X25519 device private key from PEM bytes."""
+    key = keyformat.load_private_key_pem(pem) if password is None else None
+    if key is not None:
+        return key
+    from cryptography.hazmat.primitives import serialization  # forms keyformat does not read
+
     try:
         key = serialization.load_pem_private_key(pem, password=password)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -911,15 +970,18 @@ def load_private_key_pem(
 def save_public_key(key: DevicePublicKey, path: str | Path) -> None:
     """Write a device public key as SubjectPublicKeyInfo PEM."""
     _suite_for_key(key, DeviceKeyError)
-    pem = key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    _write_atomically(Path(path), pem, mode=0o644)
+    pem = keyformat.public_key_pem(key)
+    _write_atomically(path, pem, mode=0o644)
 
 
 def load_public_key(path: str | Path) -> DevicePublicKey:
     """Read a P-256 or X25519 device public key from a PEM file."""
-    pem = _read_key_file(Path(path))
+    pem = _read_key_file(path)
+    key = keyformat.load_public_key_pem(pem)
+    if key is not None:
+        return key
+    from cryptography.hazmat.primitives import serialization  # forms keyformat does not read
+
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, UnsupportedAlgorithm) as exc:
@@ -928,16 +990,20 @@ def load_public_key(path: str | Path) -> DevicePublicKey:
     return key
 
 
-def _read_key_file(path: Path) -> bytes:
+def _read_key_file(path: str | os.PathLike) -> bytes:
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read()
     except OSError as exc:
         raise DeviceKeyError(f"{path}: failed to read the key file: {exc.strerror}") from None
 
 
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    import tempfile  # imported here: devices read keys, only key generation writes them
+def _write_atomically(target: str | os.PathLike, data: bytes, mode: int) -> None:
+    # Imported here: devices read keys, only key generation writes them.
+    import tempfile
+    from pathlib import Path
 
+    path = Path(target)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     except OSError as exc:

@@ -20,7 +20,10 @@ can tell bad input data from a broken package or an unreachable teacher::
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class EdgeRuntimeError(Exception):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 
 import numpy as np
 
+from edge_runtime._value import FrozenValue
 from edge_runtime.package import GateSettings
 
 
@@ -26,11 +26,17 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-@dataclass(frozen=True)
-class GateDecision:
+class GateDecision(FrozenValue):
+    """Whether to answer locally, the calibrated score and the top-1 label index (both None
+    when the logits are unusable)."""
+
+    __slots__ = ("local", "score", "label_index")
     local: bool
     score: float | None
     label_index: int | None
+
+    def __init__(self, local: bool, score: float | None, label_index: int | None):
+        self._init(local=local, score=score, label_index=label_index)
 
 
 class ConfidenceGate:

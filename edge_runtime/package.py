@@ -23,20 +23,27 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
-import logging
 import os
-import struct
-import threading
-import zipfile
-import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime import encryption, signing
+from edge_runtime._log import get_logger
+from edge_runtime._value import FrozenValue
+from edge_runtime.archive import (  # noqa: F401 (limits and names re-exported for callers)
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    MAX_MEMBER_BYTES,
+    MAX_MEMBERS,
+    MAX_PACKAGE_BYTES,
+    MAX_TOTAL_BYTES,
+    PACKAGE_SUFFIX,
+    SIGNATURE_NAME,
+    Archive,
+    check_member_name,
+)
 from edge_runtime.errors import (
     ExpiredPackageError,
     PackageError,
@@ -44,20 +51,13 @@ from edge_runtime.errors import (
 )
 from edge_runtime.rollback import RollbackState
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pathlib import Path
+
+log = get_logger(__name__)
 
 SCHEMA_VERSION = 2
-MANIFEST_NAME = "manifest.json"
-SIGNATURE_NAME = "model.sig"
-PACKAGE_SUFFIX = ".edgepkg"
 DEFAULT_CLOCK_SKEW = 300.0  # seconds of tolerance on the expiry time
-
-# Limits that a reader enforces before it allocates anything large.
-MAX_PACKAGE_BYTES = 1024 * 1024 * 1024  # bytes
-MAX_MEMBERS = 16
-MAX_MEMBER_BYTES = 512 * 1024 * 1024  # bytes
-MAX_TOTAL_BYTES = 768 * 1024 * 1024  # bytes, all members uncompressed
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # bytes
 
 
 @dataclass(frozen=True)
@@ -89,21 +89,32 @@ class TrustPolicy:
         return cls(allow_unsigned=True, **kwargs)
 
 
-@dataclass(frozen=True)
-class GateSettings:
+class GateSettings(FrozenValue):
     """Calibrated confidence gate: answer locally when the calibrated top-1 probability
-    (softmax of logits divided by ``temperature``) is at least ``threshold``."""
+    (softmax of logits divided by ``temperature``) is at least ``threshold``.
 
+    ``fitted_on`` records how the two numbers were chosen: target, split, and the figures
+    measured there.
+    """
+
+    __slots__ = ("temperature", "threshold", "fitted_on")
     temperature: float
     threshold: float
-    # How the two numbers were chosen: target, split, and the figures measured there.
-    fitted_on: dict[str, Any] = field(default_factory=dict)
+    fitted_on: dict[str, Any]
+
+    def __init__(self, temperature: float, threshold: float,
+                 fitted_on: dict[str, Any] | None = None):
+        self._init(temperature=temperature, threshold=threshold,
+                   fitted_on={} if fitted_on is None else fitted_on)
 
 
-@dataclass(frozen=True)
-class Manifest:
-    """The parsed ``manifest.json`` of a package."""
+class Manifest(FrozenValue):
+    """The parsed ``manifest.json`` of a package; ``raw`` is the whole JSON object."""
 
+    __slots__ = ("name", "version", "task", "labels", "model_member", "input_names",
+                 "output_names", "max_length", "precision", "tokenizer_member", "gate", "raw",
+                 "expires_at")
+    _hidden_in_repr = frozenset({"raw"})
     name: str
     version: int
     task: str
@@ -115,20 +126,37 @@ class Manifest:
     precision: str
     tokenizer_member: str
     gate: GateSettings | None
-    raw: dict[str, Any] = field(repr=False)
-    expires_at: str | None = None
+    raw: dict[str, Any]
+    expires_at: str | None
+
+    def __init__(self, name: str, version: int, task: str, labels: tuple[str, ...],
+                 model_member: str, input_names: tuple[str, ...],
+                 output_names: tuple[str, ...], max_length: int, precision: str,
+                 tokenizer_member: str, gate: GateSettings | None, raw: dict[str, Any],
+                 expires_at: str | None = None):
+        self._init(name=name, version=version, task=task, labels=labels,
+                   model_member=model_member, input_names=input_names,
+                   output_names=output_names, max_length=max_length, precision=precision,
+                   tokenizer_member=tokenizer_member, gate=gate, raw=raw,
+                   expires_at=expires_at)
 
 
-@dataclass(frozen=True)
-class ModelPackage:
+class ModelPackage(FrozenValue):
     """A package read and checked in memory: the manifest, the plaintext bytes of each member,
     the signer's key id (None when unsigned or not checked) and one line per check passed."""
 
+    __slots__ = ("path", "manifest", "members", "signer_key_id", "verdicts")
+    _hidden_in_repr = frozenset({"members"})
     path: str
     manifest: Manifest
-    members: dict[str, bytes] = field(repr=False)
-    signer_key_id: str | None = None
-    verdicts: tuple[str, ...] = ()
+    members: dict[str, bytes]
+    signer_key_id: str | None
+    verdicts: tuple[str, ...]
+
+    def __init__(self, path: str, manifest: Manifest, members: dict[str, bytes],
+                 signer_key_id: str | None = None, verdicts: tuple[str, ...] = ()):
+        self._init(path=path, manifest=manifest, members=members,
+                   signer_key_id=signer_key_id, verdicts=verdicts)
 
     @property
     def model_bytes(self) -> bytes:
@@ -163,7 +191,7 @@ def write_package(
     """
     seen: set[str] = set()
     for name in members:
-        _check_member_name(name, seen)
+        check_member_name(name, seen)
     for reserved in (MANIFEST_NAME, SIGNATURE_NAME):
         if reserved in members:
             raise PackageError(f"member name {reserved!r} is reserved")
@@ -191,6 +219,7 @@ def write_package(
             wraps.append(encryption.wrap_content_key_with_passphrase(
                 content_key, passphrase, name, version).to_dict())
         manifest["encryption"] = {
+            "key_commitment": encryption.key_commitment(content_key, name, version),
             "members": headers,
             "plaintext_sha256": plaintext_digests,
             "recipients": wraps,
@@ -207,12 +236,17 @@ def write_package(
         archive_members[SIGNATURE_NAME] = signing.sign_members(
             archive_members, signer_key, model_name=f"{name}@{version}"
         )
-    return _write_archive(Path(path), archive_members)
+    return _write_archive(path, archive_members)
 
 
-def _write_archive(path: Path, archive_members: dict[str, bytes]) -> Path:
+def _write_archive(target: str | os.PathLike, archive_members: dict[str, bytes]) -> Path:
+    # Imported here: only writers need them, and a device only reads.
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile  # imported here: only writers need it, and devices only read
 
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -238,214 +272,8 @@ def read_archive(source: str | Path | bytes) -> tuple[str, dict[str, bytes]]:
     Returns a label for messages (the path, or ``<bytes>``) and the raw member bytes. Nothing
     is parsed, verified or decrypted here.
     """
-    archive = _Archive.read(source, hash_members=False)
+    archive = Archive.read(source, hash_members=False)
     return archive.label, {name: bytes(view) for name, view in archive.members.items()}
-
-
-class _Archive:
-    """A package archive held in memory, with a read-only view of each member's bytes.
-
-    A package read from a file lives in the bytes object of a BytesIO that only this reader
-    holds. After the model is decrypted in place over it, ``decrypt_in_place`` returns the
-    start of that object as ``bytes`` without a copy. For a 16 MB model this saves a
-    model-sized allocation and its page faults, and lowers the peak memory of a load.
-    """
-
-    def __init__(self, label: str, holder: io.BytesIO, buffer: memoryview, owned: bool):
-        self.label = label
-        self._holder = holder
-        self._buffer = buffer  # writable when the reader owns the archive
-        self._readonly = buffer.toreadonly()
-        self.owned = owned
-        self.members: dict[str, memoryview] = {}
-        self.offsets: dict[str, int] = {}  # where each member's bytes start in the archive
-        self.digests: dict[str, str] = {}  # SHA-256 hex per member, when hashed
-
-    @classmethod
-    def read(cls, source: str | Path | bytes, hash_members: bool) -> _Archive:
-        """Read the archive once and check its limits, names and CRCs; with ``hash_members``,
-        also compute each member's SHA-256.
-
-        The CRC-32 checks run in a worker thread while this thread computes the SHA-256
-        digests; both release the GIL, so on two or more cores the CRC costs no extra time.
-        """
-        archive = cls._load(source)
-        label = archive.label
-        try:
-            # zipfile parses only the central directory; member data is sliced below.
-            with zipfile.ZipFile(archive._holder) as parsed:
-                infos = parsed.infolist()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError,
-                NotImplementedError) as exc:
-            raise PackageError(f"{label} is not a model package (not a ZIP archive, or one "
-                               f"this reader cannot open: {exc})") from None
-
-        if len(infos) > MAX_MEMBERS:
-            raise PackageError(f"{label} has {len(infos)} members; the limit is {MAX_MEMBERS}")
-        seen: set[str] = set()
-        total = 0
-        for info in infos:
-            _check_member_name(info.filename, seen, label)
-            limit = MAX_MANIFEST_BYTES if info.filename == MANIFEST_NAME else MAX_MEMBER_BYTES
-            if info.file_size > limit:
-                raise PackageError(
-                    f"{label}: member {info.filename!r} is {info.file_size} bytes; "
-                    f"the limit is {limit}"
-                )
-            total += info.file_size
-            if total > MAX_TOTAL_BYTES:
-                raise PackageError(
-                    f"{label}: members add up to more than {MAX_TOTAL_BYTES} bytes")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise PackageError(
-                    f"{label}: member {info.filename!r} is compressed (method "
-                    f"{info.compress_type}); package members must be stored"
-                )
-        if MANIFEST_NAME not in seen:
-            raise PackageError(f"{label} has no {MANIFEST_NAME}")
-
-        for info in infos:
-            start = _member_start(label, archive._readonly, info)
-            archive.offsets[info.filename] = start
-            archive.members[info.filename] = archive._readonly[start:start + info.file_size]
-        crc_failures: list[str] = []
-
-        def check_crcs() -> None:
-            for info in infos:
-                actual = zlib.crc32(archive.members[info.filename])
-                if actual != info.CRC:
-                    crc_failures.append(
-                        f"member {info.filename!r} has CRC-32 {actual:08x}, the archive "
-                        f"directory says {info.CRC:08x}")
-
-        if hash_members:
-            worker = threading.Thread(target=check_crcs, name="package-crc", daemon=True)
-            worker.start()
-            try:
-                archive.digests = {name: sha256_hex(blob)
-                                   for name, blob in archive.members.items()}
-            finally:
-                worker.join()
-        else:
-            check_crcs()
-        if crc_failures:
-            raise PackageIntegrityError(f"{label}: {'; '.join(crc_failures)}")
-        return archive
-
-    @classmethod
-    def _load(cls, source: str | Path | bytes) -> _Archive:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            data = bytes(source)
-            if len(data) > MAX_PACKAGE_BYTES:
-                raise PackageError(
-                    f"<bytes> is {len(data)} bytes; the limit is {MAX_PACKAGE_BYTES}")
-            holder = io.BytesIO(data)
-            return cls("<bytes>", holder, memoryview(data), owned=False)
-        label = str(source)
-        try:
-            with open(source, "rb", buffering=0) as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size > MAX_PACKAGE_BYTES:
-                    raise PackageError(
-                        f"{label} is {size} bytes; the limit is {MAX_PACKAGE_BYTES}")
-                # The BytesIO is the only owner of this bytes object, so its buffer is
-                # writable in place; see take_prefix.
-                holder = io.BytesIO(bytes(size))
-                buffer = holder.getbuffer()
-                filled = 0
-                while filled < size:
-                    count = handle.readinto(buffer[filled:])
-                    if not count:
-                        break
-                    filled += count
-                if filled != size or handle.read(1):
-                    raise PackageError(f"{label} changed size while it was read; read it "
-                                       "again once the copy or download has finished")
-        except FileNotFoundError:
-            raise PackageError(
-                f"package file not found: {label}; pass the path of a {PACKAGE_SUFFIX} file "
-                "(the default student is models/clinc150-student.edgepkg)"
-            ) from None
-        except IsADirectoryError:
-            raise PackageError(f"{label} is a folder; pass a {PACKAGE_SUFFIX} file") from None
-        except OSError as exc:
-            raise PackageError(f"cannot read package {label}: {exc}") from exc
-        return cls(label, holder, buffer, owned=True)
-
-    def decrypt_in_place(self, name: str, sealed: encryption.EncryptedMember,
-                         content_key: bytes, manifest: Manifest, digest: Any) -> bytes:
-        """Decrypt member ``name`` over the start of the archive and return its plaintext.
-
-        Every member view is released first: the archive cannot be used afterwards. Members
-        still needed must have been copied out.
-        """
-        offset = self.offsets[name]
-        size = len(sealed.ciphertext)
-        for view in self.members.values():
-            view.release()
-        self.members.clear()
-        ciphertext = self._readonly[offset:offset + size]
-        try:
-            encryption.decrypt_member_in_place(
-                replace(sealed, ciphertext=ciphertext), content_key, manifest.name,
-                manifest.version, name, self._buffer, offset, digest=digest)
-        finally:
-            ciphertext.release()
-            self._readonly.release()
-            self._buffer.release()
-        return self._take_prefix(sealed.plaintext_size)
-
-    def _take_prefix(self, size: int) -> bytes:
-        try:
-            self._holder.truncate(size)
-            # Shrinks the bytes object in place when no view is left, without a copy.
-            return self._holder.getvalue()
-        except BufferError:  # a view is still alive somewhere: copy instead
-            log.debug("%s: a view of the archive outlived the decryption; copying the model",
-                      self.label)
-            return self._holder.getbuffer()[:size].tobytes()
-
-
-# Local file header: signature, version, flags, method, time, date, CRC-32, compressed and
-# uncompressed sizes, name length, extra field length (APPNOTE.TXT section 4.3.7).
-_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
-_LOCAL_MAGIC = b"PK\x03\x04"
-_FLAG_ENCRYPTED = 0x01
-_FLAG_UTF8_NAME = 0x800
-_FLAGS_UNSUPPORTED = 0x20 | 0x40  # compressed patch data, strong encryption
-
-
-def _member_start(label: str, data: memoryview, info: zipfile.ZipInfo) -> int:
-    """Return where a member's stored bytes start in ``data``, after the local header checks
-    that ``zipfile`` makes: signature, and a name equal to the central directory's."""
-    name = info.filename
-    start = info.header_offset
-    header = data[start:start + _LOCAL_HEADER.size]
-    if len(header) != _LOCAL_HEADER.size:
-        raise PackageIntegrityError(f"{label}: member {name!r} has a truncated local header")
-    magic, _, flags, _, _, _, _, _, _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
-    if magic != _LOCAL_MAGIC:
-        raise PackageIntegrityError(
-            f"{label}: member {name!r} has no local header at offset {start}")
-    if info.flag_bits & (_FLAGS_UNSUPPORTED | _FLAG_ENCRYPTED):
-        raise PackageError(
-            f"{label}: member {name!r} uses ZIP flags {info.flag_bits:#06x} (ZIP encryption or "
-            "patch data), which packages never use")
-    name_start = start + _LOCAL_HEADER.size
-    local_name = bytes(data[name_start:name_start + name_length])
-    try:
-        decoded = local_name.decode("utf-8" if flags & _FLAG_UTF8_NAME else "cp437")
-    except UnicodeDecodeError:
-        decoded = None
-    if decoded != info.orig_filename:
-        raise PackageIntegrityError(
-            f"{label}: member {name!r} is named {local_name!r:.80} in its local header")
-    data_start = name_start + name_length + extra_length
-    if info.compress_size < info.file_size or data_start + info.file_size > len(data):
-        raise PackageIntegrityError(
-            f"{label}: member {name!r} is truncated: the archive directory says "
-            f"{info.file_size} bytes")
-    return data_start
 
 
 def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -> ModelPackage:
@@ -457,7 +285,7 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
     """
     trust = trust if trust is not None else TrustPolicy.unverified()
     # Every member is hashed once here; the signature and manifest checks reuse the digests.
-    archive = _Archive.read(source, hash_members=True)
+    archive = Archive.read(source, hash_members=True)
     label, digests = archive.label, archive.digests
     raw_members = dict(archive.members)
     verdicts: list[str] = []
@@ -510,9 +338,8 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
     members = {name: blob for name, blob in raw_members.items() if name != MANIFEST_NAME}
     del raw_members, signature
     if raw.get("encryption"):
-        members = _decrypt(archive, manifest, raw["encryption"], members, trust)
-        verdicts.append(f"decryption: {len(raw['encryption']['members'])} member(s) decrypted "
-                        "in memory")
+        members, verdict = _decrypt(archive, manifest, raw["encryption"], members, trust)
+        verdicts.append(verdict)
     # Members that were not encrypted are still views into the archive; callers get bytes.
     members = {name: blob if isinstance(blob, bytes) else bytes(blob)
                for name, blob in members.items()}
@@ -534,7 +361,7 @@ def sign_archive(source: str | Path | bytes, target: str | Path, signer_key: Any
     raw_members[SIGNATURE_NAME] = signing.sign_members(
         raw_members, signer_key, model_name=f"{manifest.name}@{manifest.version}"
     )
-    return _write_archive(Path(target), raw_members)
+    return _write_archive(target, raw_members)
 
 
 def rebuild_package(package: ModelPackage, target: str | Path, **options: Any) -> Path:
@@ -619,13 +446,16 @@ def _parse_time(value: str, key: str, label: str) -> dt.datetime:
     return parsed
 
 
-def _decrypt(archive: _Archive, manifest: Manifest, section: Any,
-             members: dict[str, memoryview], trust: TrustPolicy) -> dict[str, bytes]:
-    """Unwrap the content key and decrypt the encrypted members.
+def _decrypt(archive: Archive, manifest: Manifest, section: Any,
+             members: dict[str, memoryview], trust: TrustPolicy) -> tuple[dict[str, bytes], str]:
+    """Unwrap the content key, decrypt the encrypted members, and return the members and a
+    verdict line.
 
     The model, when it is encrypted and the archive was read from a file, is decrypted last
-    and in place over the archive (``_Archive.decrypt_in_place``); every other member is
-    copied out or decrypted before that.
+    and in place over the archive (``_decrypt_in_place``); every other member is copied out or
+    decrypted before that. With a key commitment in the manifest, the unwrapped key is checked
+    against it and the plaintext is not hashed (see ``encryption.key_commitment``); without
+    one, each plaintext must match its ``plaintext_sha256``.
     """
     label = archive.label
     if not isinstance(section, dict) or not all(
@@ -648,6 +478,10 @@ def _decrypt(archive: _Archive, manifest: Manifest, section: Any,
             f"{label} is encrypted; pass this device's private key (or, for development, the "
             "package passphrase)"
         )
+    committed = "key_commitment" in section
+    if committed:
+        encryption.check_key_commitment(content_key, manifest.name, manifest.version,
+                                        section["key_commitment"])
 
     encrypted = section["members"]
     missing = sorted(name for name in encrypted if name not in members)
@@ -658,19 +492,19 @@ def _decrypt(archive: _Archive, manifest: Manifest, section: Any,
     decrypted: dict[str, bytes] = {}
     for name in sorted(encrypted, key=lambda item: (item == in_place, item)):
         sealed = encryption.EncryptedMember.from_dict(encrypted[name], members[name])
-        digest = hashlib.sha256()
+        digest = None if committed else hashlib.sha256()
         if name == in_place:
             # Copy out what is left before the archive's memory becomes the model.
             decrypted.update((other, bytes(blob)) for other, blob in members.items()
                              if other not in decrypted and other != name)
             members.clear()
-            plaintext = archive.decrypt_in_place(name, sealed, content_key, manifest, digest)
+            plaintext = _decrypt_in_place(archive, name, sealed, content_key, manifest, digest)
         else:
             plaintext = encryption.decrypt_member(sealed, content_key, manifest.name,
                                                   manifest.version, name, digest=digest)
         del sealed
         expected = section["plaintext_sha256"].get(name)
-        if digest.hexdigest() != expected:
+        if digest is not None and digest.hexdigest() != expected:
             raise PackageIntegrityError(
                 f"{label}: decrypted {name!r} has sha256 {digest.hexdigest()}, the manifest "
                 f"says {expected}"
@@ -678,18 +512,32 @@ def _decrypt(archive: _Archive, manifest: Manifest, section: Any,
         decrypted[name] = plaintext
     for name, blob in members.items():
         decrypted.setdefault(name, blob)
-    return decrypted
+    check = ("the content key matches the signed key commitment" if committed
+             else "plaintext digests match the manifest")
+    return decrypted, (f"decryption: {len(encrypted)} member(s) decrypted in memory; {check}")
 
 
-def _check_member_name(name: str, seen: set[str], label: str = "package") -> None:
-    path = PurePosixPath(name)
-    if not name or name.startswith("/") or "\\" in name or ":" in name:
-        raise PackageError(f"{label}: member name {name!r} is not a relative POSIX path")
-    if any(part in ("..", ".", "") for part in name.split("/")) or path.is_absolute():
-        raise PackageError(f"{label}: member name {name!r} contains an empty, '.' or '..' part")
-    if name in seen:
-        raise PackageError(f"{label}: member name {name!r} appears more than once")
-    seen.add(name)
+def _decrypt_in_place(archive: Archive, name: str, sealed: encryption.EncryptedMember,
+                      content_key: bytes, manifest: Manifest, digest: Any) -> bytes:
+    """Decrypt member ``name`` over the start of the archive and return its plaintext.
+
+    Every member view is released first: the archive cannot be used afterwards, so members
+    still needed must have been copied out.
+    """
+    offset = archive.offsets[name]
+    size = len(sealed.ciphertext)
+    archive.release_views()
+    ciphertext = archive.readonly[offset:offset + size]
+    try:
+        encryption.decrypt_member_in_place(
+            encryption.EncryptedMember(sealed.nonce_prefix, sealed.segment_size,
+                                       sealed.plaintext_size, ciphertext),
+            content_key, manifest.name, manifest.version, name, archive.buffer, offset,
+            digest=digest)
+    finally:
+        ciphertext.release()
+        archive.release_buffers()
+    return archive.take_prefix(sealed.plaintext_size)
 
 
 def _require(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:

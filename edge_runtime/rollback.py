@@ -8,14 +8,17 @@ process leaves either the old or the new state, never a partial file.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from edge_runtime._log import get_logger
 from edge_runtime.errors import PackageError, RollbackError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pathlib import Path
+
+log = get_logger(__name__)
 
 STATE_SCHEMA_VERSION = 1
 MAX_STATE_BYTES = 1024 * 1024
@@ -24,27 +27,36 @@ MAX_STATE_BYTES = 1024 * 1024
 class RollbackState:
     """Versions accepted on this device, stored in ``path``."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike):
+        # A string, not a Path: pathlib costs a device about 4 ms of start-up to import.
+        self._path = os.fspath(path)
         self._lock = threading.Lock()
 
+    @property
+    def path(self) -> Path:
+        from pathlib import Path
+
+        return Path(self._path)
+
     def __repr__(self) -> str:
-        return f"RollbackState(path={str(self.path)!r})"
+        return f"RollbackState(path={self._path!r})"
 
     def _load(self) -> dict[str, int]:
         try:
-            data = self.path.read_bytes()
+            with open(self._path, "rb") as handle:
+                data = handle.read(MAX_STATE_BYTES + 1)
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            raise PackageError(f"cannot read rollback state {self.path}: {exc}") from exc
+            raise PackageError(f"cannot read rollback state {self._path}: {exc}") from exc
         if len(data) > MAX_STATE_BYTES:
-            raise PackageError(f"rollback state {self.path} is larger than {MAX_STATE_BYTES} bytes")
+            raise PackageError(
+                f"rollback state {self._path} is larger than {MAX_STATE_BYTES} bytes")
         try:
             raw = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise PackageError(
-                f"rollback state {self.path} is not valid JSON ({exc}); restore it from a "
+                f"rollback state {self._path} is not valid JSON ({exc}); restore it from a "
                 "backup, or delete it to accept any version again"
             ) from None
         accepted = raw.get("accepted") if isinstance(raw, dict) else None
@@ -52,7 +64,7 @@ class RollbackState:
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
             for k, v in accepted.items()
         ):
-            raise PackageError(f"rollback state {self.path} has no valid 'accepted' table")
+            raise PackageError(f"rollback state {self._path} has no valid 'accepted' table")
         return accepted
 
     def highest(self, signer_key_id: str, package_name: str) -> int | None:
@@ -87,21 +99,25 @@ class RollbackState:
             self._write({"schema_version": STATE_SCHEMA_VERSION, "accepted": accepted})
 
     def _write(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
         import tempfile  # imported here: reading the state does not need it
 
-        fd, tmp_name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp",
-                                        dir=self.path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp",
+                                        dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(state, handle, indent=2, sort_keys=True)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp_name, self.path)
+            os.replace(tmp_name, path)
         except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
             raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
+        directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:

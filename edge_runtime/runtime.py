@@ -13,13 +13,13 @@ student's probabilities are attached only when the runtime was created with ``de
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge_runtime._log import get_logger
+from edge_runtime._value import FrozenValue
 from edge_runtime.errors import ConfigError, PackageError, TeacherError, TeacherRejected
 from edge_runtime.gate import ConfidenceGate, softmax
 from edge_runtime.model import DEFAULT_THREADS, OnnxClassifier
@@ -30,7 +30,10 @@ from edge_runtime.teacher_client import (
     TeacherClient,
 )
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pathlib import Path
+
+log = get_logger(__name__)
 
 SOURCE_LOCAL = "local"
 SOURCE_TEACHER = "teacher"
@@ -39,16 +42,21 @@ SOURCE_LOCAL_OFFLINE = "local-offline"
 MAX_TEXT_CHARS = 2_000
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(FrozenValue):
     """One answer. ``timings_ms`` holds ``tokenize``, ``student``, ``teacher`` (only when the
-    teacher was called) and ``total``, in milliseconds."""
+    teacher was called) and ``total``, in milliseconds. ``debug`` is set only with
+    ``debug=True``: the calibrated top-1 probability and the student's label probabilities."""
 
+    __slots__ = ("label", "source", "timings_ms", "debug")
+    _hidden_in_repr = frozenset({"debug"})
     label: str
     source: str
     timings_ms: dict[str, float]
-    # Only with debug=True: calibrated top-1 probability and the student's label probabilities.
-    debug: dict[str, object] | None = field(default=None, repr=False)
+    debug: dict[str, object] | None
+
+    def __init__(self, label: str, source: str, timings_ms: dict[str, float],
+                 debug: dict[str, object] | None = None):
+        self._init(label=label, source=source, timings_ms=timings_ms, debug=debug)
 
     @property
     def escalated(self) -> bool:
@@ -191,8 +199,10 @@ class EdgeRuntime:
         except TeacherError as exc:
             # A rejection (4xx) is logged as an error because retrying will not fix it, but the
             # device still gets the student's answer.
-            level = logging.ERROR if isinstance(exc, TeacherRejected) else logging.WARNING
-            log.log(level, "teacher gave no answer, answering locally: %s", exc)
+            if isinstance(exc, TeacherRejected):
+                log.error("teacher gave no answer, answering locally: %s", exc)
+            else:
+                log.warning("teacher gave no answer, answering locally: %s", exc)
             return student_label, SOURCE_LOCAL_OFFLINE, (time.perf_counter() - start) * 1000.0
         if reply.label not in self._label_set:
             log.error("teacher returned a label %r that this package does not know; answering "

@@ -27,21 +27,24 @@ import base64
 import binascii
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edge_runtime import keyformat
+from edge_runtime._log import get_logger
+from edge_runtime._value import FrozenValue
 from edge_runtime.errors import PackageError, PackageIntegrityError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pathlib import Path
+
+logger = get_logger(__name__)
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -96,20 +99,32 @@ class SigningKeyError(SignatureError):
     """A key cannot be loaded, or is not an ECDSA P-256 key."""
 
 
-@dataclass(frozen=True)
-class VerifiedStatement:
-    """The content of a signature that verified against a trusted key and the members."""
+class VerifiedStatement(FrozenValue):
+    """The content of a signature that verified against a trusted key and the members.
 
+    ``model_digest`` is the statement's subject digest: SHA-256 over the concatenated raw
+    member digests, in hex. ``resources`` maps each signed member's name to its SHA-256 in hex.
+    ``serialization`` holds the statement's serialization parameters, for example
+    ``{"method": "files", ...}``, and ``payload`` the signed statement bytes exactly as they
+    were verified.
+    """
+
+    __slots__ = ("signer_key_id", "model_name", "model_digest", "resources", "serialization",
+                 "payload")
+    _hidden_in_repr = frozenset({"payload"})
     signer_key_id: str
     model_name: str
-    # SHA-256 over the concatenated raw member digests, in hex (the statement's subject digest).
     model_digest: str
-    # Member name to SHA-256 in hex, for every signed member.
     resources: Mapping[str, str]
-    # The statement's ``serialization`` parameters, for example ``{"method": "files", ...}``.
     serialization: Mapping[str, Any]
-    # The signed statement bytes exactly as they were verified.
-    payload: bytes = field(repr=False)
+    payload: bytes
+
+    def __init__(self, signer_key_id: str, model_name: str, model_digest: str,
+                 resources: Mapping[str, str], serialization: Mapping[str, Any],
+                 payload: bytes):
+        self._init(signer_key_id=signer_key_id, model_name=model_name,
+                   model_digest=model_digest, resources=resources,
+                   serialization=serialization, payload=payload)
 
 
 # Keys
@@ -124,6 +139,8 @@ def private_key_to_pem(
     private_key: ec.EllipticCurvePrivateKey, password: bytes | None = None
 ) -> bytes:
     """Serialize a private key as PKCS #8 PEM, encrypted when ``password`` is given."""
+    from cryptography.hazmat.primitives import serialization  # writers only; see keyformat
+
     _require_p256_private_key(private_key)
     if password:
         encryption: serialization.KeySerializationEncryption = (
@@ -139,9 +156,7 @@ def private_key_to_pem(
 def public_key_to_pem(public_key: ec.EllipticCurvePublicKey) -> bytes:
     """Serialize a public key as SubjectPublicKeyInfo PEM, the form ``model_signing`` reads."""
     _require_p256_public_key(public_key, "public key")
-    return public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return _public_pem(public_key)
 
 
 def write_private_key(
@@ -151,6 +166,8 @@ def write_private_key(
 
     Raises SigningKeyError if the file already exists, so that a key is never overwritten.
     """
+    from pathlib import Path  # imported here: only key generation writes files
+
     pem = private_key_to_pem(private_key, password)
     path = Path(path)
     try:
@@ -169,6 +186,8 @@ def load_private_key_pem(data: bytes, password: bytes | None = None) -> ec.Ellip
 
     The error message on failure does not contain the key material.
     """
+    from cryptography.hazmat.primitives import serialization  # signers only; see keyformat
+
     try:
         key = serialization.load_pem_private_key(data, password=password)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -180,6 +199,11 @@ def load_private_key_pem(data: bytes, password: bytes | None = None) -> ec.Ellip
 
 def load_public_key_pem(data: bytes) -> ec.EllipticCurvePublicKey:
     """Load an ECDSA P-256 public key from SubjectPublicKeyInfo PEM."""
+    key = keyformat.load_public_key_pem(data)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key
+    from cryptography.hazmat.primitives import serialization  # forms keyformat does not read
+
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -190,18 +214,30 @@ def load_public_key_pem(data: bytes) -> ec.EllipticCurvePublicKey:
 
 def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     """Return the SHA-256 of the DER SubjectPublicKeyInfo of ``public_key``, in hex."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    der = keyformat.public_key_der(public_key)
+    if der is None:  # another curve: only reached when reporting a wrong key
+        from cryptography.hazmat.primitives import serialization
+
+        der = public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     return hashlib.sha256(der).hexdigest()
+
+
+def _public_pem(public_key: ec.EllipticCurvePublicKey) -> bytes:
+    pem = keyformat.public_key_pem(public_key)
+    if pem is None:
+        from cryptography.hazmat.primitives import serialization
+
+        pem = public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    return pem
 
 
 def _model_signing_key_hint(public_key: ec.EllipticCurvePublicKey) -> str:
     # model_signing 1.1.1 hashes the PEM text, not the DER bytes, for the bundle's key hint.
-    pem = public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(pem).hexdigest()
+    return hashlib.sha256(_public_pem(public_key)).hexdigest()
 
 
 def _require_p256_private_key(key: object) -> None:
@@ -343,20 +379,14 @@ def verify_members(
     signer = _verify_envelope(envelope, trusted_keys)
     verified = _parse_statement(envelope.payload, key_id(signer))
     _compare_members(verified.resources, digests)
-
-    logger.debug(
-        "signature verified: signer key %s, model %r, %d members",
-        verified.signer_key_id, verified.model_name, len(verified.resources),
-    )
     return verified
 
 
-@dataclass(frozen=True)
-class _Envelope:
-    payload: bytes
-    signature: bytes
-    keyid: str
-    hint: str
+class _Envelope(FrozenValue):
+    __slots__ = ("payload", "signature", "keyid", "hint")
+
+    def __init__(self, payload: bytes, signature: bytes, keyid: str, hint: str):
+        self._init(payload=payload, signature=signature, keyid=keyid, hint=hint)
 
 
 def _parse_bundle(data: bytes) -> _Envelope:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 import logging
@@ -59,7 +58,7 @@ def split_segments(encrypted: EncryptedMember) -> list[bytes]:
 
 
 def with_segments(encrypted: EncryptedMember, segments: list[bytes], **changes) -> EncryptedMember:
-    return dataclasses.replace(encrypted, ciphertext=b"".join(segments), **changes)
+    return encrypted.replace(ciphertext=b"".join(segments), **changes)
 
 
 def flip_byte(data: bytes, position: int) -> bytes:
@@ -109,7 +108,7 @@ def test_member_digest_matches_plaintext(key):
 
 def test_member_digest_stops_on_failed_segment(key):
     encrypted = encrypt(payload(3 * SEGMENT, seed=8), key)
-    tampered = dataclasses.replace(encrypted, ciphertext=flip_byte(encrypted.ciphertext, 1))
+    tampered = encrypted.replace(ciphertext=flip_byte(encrypted.ciphertext, 1))
     digest = hashlib.sha256()
 
     with pytest.raises(DecryptionError, match="segment 0 of 3"):
@@ -252,8 +251,7 @@ def test_member_flipped_byte_each_segment(key):
         segment_end = min(segment_start + stride, len(encrypted.ciphertext))
         # One byte of the encrypted data and one byte of the tag.
         for position in (segment_start, segment_end - 1):
-            damaged = dataclasses.replace(
-                encrypted, ciphertext=flip_byte(encrypted.ciphertext, position)
+            damaged = encrypted.replace(ciphertext=flip_byte(encrypted.ciphertext, position)
             )
             with pytest.raises(DecryptionError, match=f"segment {index} of 4"):
                 decrypt(damaged, key)
@@ -261,7 +259,7 @@ def test_member_flipped_byte_each_segment(key):
 
 def test_member_flipped_nonce_prefix(key):
     encrypted = encrypt(payload(SEGMENT), key)
-    damaged = dataclasses.replace(encrypted, nonce_prefix=flip_byte(encrypted.nonce_prefix, 0))
+    damaged = encrypted.replace(nonce_prefix=flip_byte(encrypted.nonce_prefix, 0))
 
     with pytest.raises(DecryptionError):
         decrypt(damaged, key)
@@ -270,7 +268,7 @@ def test_member_flipped_nonce_prefix(key):
 def test_member_edited_segment_size(key):
     # Same segment count and ciphertext length, so only the associated data catches it.
     encrypted = encrypt(payload(SEGMENT // 2), key)
-    edited = dataclasses.replace(encrypted, segment_size=SEGMENT * 2)
+    edited = encrypted.replace(segment_size=SEGMENT * 2)
 
     with pytest.raises(DecryptionError, match="failed AES-256-GCM authentication"):
         decrypt(edited, key)
@@ -371,8 +369,7 @@ def test_member_random_property(key):
         assert decrypt(encrypted, key) == data
 
         position = rng.randrange(len(encrypted.ciphertext))
-        damaged = dataclasses.replace(
-            encrypted, ciphertext=flip_byte(encrypted.ciphertext, position)
+        damaged = encrypted.replace(ciphertext=flip_byte(encrypted.ciphertext, position)
         )
         with pytest.raises(DecryptionError):
             decrypt(damaged, key)
@@ -599,7 +596,7 @@ def test_hpke_other_version(key, p256_device):
 @pytest.mark.parametrize("field", ["enc", "ciphertext"])
 def test_hpke_tampered_wrap(key, p256_device, field):
     wrap = enc.wrap_content_key(key, p256_device.public_key(), NAME, VERSION)
-    damaged = dataclasses.replace(wrap, **{field: flip_byte(getattr(wrap, field), 10)})
+    damaged = wrap.replace(**{field: flip_byte(getattr(wrap, field), 10)})
 
     with pytest.raises(DecryptionError, match="failed HPKE decryption"):
         enc.unwrap_content_key([damaged], p256_device, NAME, VERSION)
@@ -609,7 +606,7 @@ def test_hpke_relabelled_wrap(key, p256_device):
     # A wrap for another device, relabelled with this device's key id, must not open.
     other = enc.generate_device_key()
     wrap = enc.wrap_content_key(key, other.public_key(), NAME, VERSION)
-    relabelled = dataclasses.replace(wrap, recipient_key_id=enc.device_key_id(p256_device))
+    relabelled = wrap.replace(recipient_key_id=enc.device_key_id(p256_device))
 
     with pytest.raises(DecryptionError, match="failed HPKE decryption"):
         enc.unwrap_content_key([relabelled], p256_device, NAME, VERSION)
@@ -617,7 +614,7 @@ def test_hpke_relabelled_wrap(key, p256_device):
 
 def test_hpke_suite_mismatch(key, p256_device, x25519_device):
     wrap = enc.wrap_content_key(key, x25519_device.public_key(), NAME, VERSION)
-    relabelled = dataclasses.replace(wrap, recipient_key_id=enc.device_key_id(p256_device))
+    relabelled = wrap.replace(recipient_key_id=enc.device_key_id(p256_device))
 
     with pytest.raises(DecryptionError, match="does not match the device key"):
         enc.unwrap_content_key([relabelled], p256_device, NAME, VERSION)
@@ -768,7 +765,7 @@ def test_passphrase_other_package(key):
 
 def test_passphrase_edited_parameters(key):
     wrap = enc.wrap_content_key_with_passphrase(key, "pw", NAME, VERSION, **FAST_SCRYPT)
-    edited = dataclasses.replace(wrap, n=2**11)
+    edited = wrap.replace(n=2**11)
 
     with pytest.raises(DecryptionError):
         enc.unwrap_content_key_with_passphrase([edited], "pw", NAME, VERSION)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime import package
+from edge_runtime import archive
 from edge_runtime.errors import PackageError, PackageIntegrityError
 from edge_runtime.package import MANIFEST_NAME, MAX_MEMBERS, read_package, write_package
 
@@ -543,7 +543,7 @@ def test_member_count_at_limit_accepted():
 
 def test_member_over_size_limit(monkeypatch: pytest.MonkeyPatch):
     # The limit sits above the manifest's size, so only the model member exceeds it.
-    monkeypatch.setattr(package, "MAX_MEMBER_BYTES", 4096)
+    monkeypatch.setattr(archive, "MAX_MEMBER_BYTES", 4096)
     members = {**default_members(), "model.onnx": bytes(4097)}
 
     with pytest.raises(PackageError) as excinfo:
@@ -553,7 +553,7 @@ def test_member_over_size_limit(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_manifest_over_size_limit(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(package, "MAX_MANIFEST_BYTES", 64)
+    monkeypatch.setattr(archive, "MAX_MANIFEST_BYTES", 64)
     members = default_members()
 
     with pytest.raises(PackageError, match="'manifest.json' is .* bytes; the limit is 64"):

@@ -37,7 +37,12 @@ from hypothesis import strategies as st
 
 from edge_runtime import encryption, signing
 from edge_runtime.encryption import DecryptionError, WrongRecipientError
-from edge_runtime.errors import ExpiredPackageError, PackageError, RollbackError
+from edge_runtime.errors import (
+    ExpiredPackageError,
+    PackageError,
+    PackageIntegrityError,
+    RollbackError,
+)
 from edge_runtime.package import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -247,26 +252,24 @@ def map_zip_fields(data: bytes) -> dict[int, ZipField]:
     return fields
 
 
-# Why a flipped byte may leave a package loadable. zipfile (CPython 3.11) does not use these
-# fields to locate or check member bytes, so the signed members come out unchanged.
-LOCAL_COPY = "local header field that zipfile takes from the central directory instead"
-CENTRAL_METADATA = "central header metadata that zipfile does not check"
-LARGER_COMPRESSED_SIZE = "larger central compressed size: a stored member is read to its size"
-LAST_HEADER_LENGTH = "larger length in the last central header: nothing follows it to read"
-END_COUNTS = "end record disk number or entry count: zipfile walks the directory by byte size"
-END_COMMENT = "end record comment length: zipfile then finds the record by its signature"
+# Why a flipped byte may leave a package loadable: the reader (edge_runtime/archive.py) does not
+# use these fields to locate or check member bytes, so the signed members come out unchanged.
+LOCAL_COPY = "local header field that the reader takes from the central directory instead"
+CENTRAL_METADATA = "central header metadata that the reader does not use"
+PINNED_CRC = "CRC-32 of a member that the manifest pins by SHA-256, which is checked instead"
 
 LOCAL_UNREAD = {"version needed", "flags", "compression method", "modification time",
                 "modification date", "crc-32", "compressed size", "uncompressed size"}
 CENTRAL_UNREAD = {"version made by", "modification time", "modification date",
-                  "disk number start", "internal attributes", "external attributes"}
-END_UNREAD = {"disk number", "central directory disk", "entries on this disk", "total entries"}
-# Flag bits that zipfile acts on when it reads: encrypted, compressed patch, strong encryption.
+                  "internal attributes", "external attributes"}
+# Flag bits that the reader rejects: encrypted, compressed patch, strong encryption.
 READ_FLAG_BITS = 0x0001 | 0x0020 | 0x0040
-MAX_ZIP_EXTRACT_VERSION = 63  # zipfile.MAX_EXTRACT_VERSION
+MAX_ZIP_EXTRACT_VERSION = 63  # ZIP 6.3, the highest "version needed" the reader accepts
+# Members without a manifest digest: their CRC-32 is the only check of their archive bytes.
+CRC_CHECKED = {MANIFEST_NAME, SIGNATURE_NAME}
 
 
-def explain_flip(field: ZipField, original: bytes, mutated: bytes, last_member: str) -> str | None:
+def explain_flip(field: ZipField, original: bytes, mutated: bytes) -> str | None:
     """Return why a flip in ``field`` may still load, or None if a load means a reader bug."""
 
     def value(data: bytes) -> int:
@@ -274,10 +277,6 @@ def explain_flip(field: ZipField, original: bytes, mutated: bytes, last_member: 
 
     if field.record == "local header" and field.name in LOCAL_UNREAD:
         return LOCAL_COPY
-    if field.record == "end of central directory" and field.name in END_UNREAD:
-        return END_COUNTS
-    if field.record == "end of central directory" and field.name == "comment length":
-        return END_COMMENT
     if field.record != "central header":
         return None
     if field.name in CENTRAL_UNREAD:
@@ -286,11 +285,8 @@ def explain_flip(field: ZipField, original: bytes, mutated: bytes, last_member: 
         return CENTRAL_METADATA
     if field.name == "flags" and not value(mutated) & READ_FLAG_BITS:
         return CENTRAL_METADATA
-    if field.name == "compressed size" and value(mutated) > value(original):
-        return LARGER_COMPRESSED_SIZE
-    if (field.member == last_member and value(mutated) > value(original)
-            and field.name in ("name length", "extra length", "comment length")):
-        return LAST_HEADER_LENGTH
+    if field.name == "crc-32" and field.member not in CRC_CHECKED:
+        return PINNED_CRC
     return None
 
 
@@ -305,7 +301,6 @@ def sweep_flips(data: bytes, mask: int, offsets: Sequence[int], trust: TrustPoli
                 members: dict[str, bytes]) -> FlipSweep:
     """XOR ``mask`` into each offset in turn and read the result."""
     fields = map_zip_fields(data)
-    last_member = fields[len(data) - END_RECORD_BYTES - 1].member
     sweep = FlipSweep(loaded={}, changed_members=[], escaped={})
     for offset in offsets:
         mutated = bytearray(data)
@@ -317,7 +312,7 @@ def sweep_flips(data: bytes, mask: int, offsets: Sequence[int], trust: TrustPoli
         except Exception as exc:  # any other type is the failure that this sweep looks for
             sweep.escaped[offset] = f"{fields[offset]}: {exc!r}"
             continue
-        sweep.loaded[offset] = explain_flip(fields[offset], data, bytes(mutated), last_member)
+        sweep.loaded[offset] = explain_flip(fields[offset], data, bytes(mutated))
         if loaded.members != members:
             sweep.changed_members.append(offset)
     return sweep
@@ -338,30 +333,22 @@ def test_zip_field_map_covers_file(sealed_bytes: bytes):
 
 
 # Offsets where XOR 0x01 still loads the package, grouped by reason. Each of the 4 members has
-# 8 unread local header fields (22 bytes) and 17 bytes of central metadata: version made by,
-# version needed, the flags' high byte, time, date, disk number start and attributes. A
-# compressed size grows where the byte's lowest bit was 0: the sizes are 0x62C (manifest),
-# 0x210 (model.onnx), 0x56B (model.sig) and 0x49 (tokenizer.json), so 4, 4, 2 and 3 bytes.
-# The last central header (tokenizer.json) adds its name, extra and comment lengths.
+# 8 unread local header fields (22 bytes) and 15 bytes of central metadata: version made by,
+# version needed, the flags' high byte, time, date and attributes. The central CRC-32 of
+# model.onnx and tokenizer.json is not read, because their digests are.
 FLIP_LOADS_XOR_01 = {
     LOCAL_COPY: 4 * 22,
-    CENTRAL_METADATA: 4 * 17,
-    LARGER_COMPRESSED_SIZE: 4 + 4 + 2 + 3,
-    LAST_HEADER_LENGTH: 6,
-    END_COUNTS: 8,
-    END_COMMENT: 2,
+    CENTRAL_METADATA: 4 * 15,
+    PINNED_CRC: 2 * 4,
 }
 
 
-# The same fields with XOR 0xFF. Central metadata loses the skipped version byte, so 16 bytes
-# per member remain. Every byte of the 4 compressed sizes is below 0x80, so all 16 grow.
+# The same fields with XOR 0xFF. Version 20 becomes 235, above 63, so the low byte of each
+# "version needed" is rejected and 14 bytes of central metadata per member remain.
 FLIP_LOADS_XOR_FF = {
     LOCAL_COPY: 4 * 22,
-    CENTRAL_METADATA: 4 * 16,
-    LARGER_COMPRESSED_SIZE: 16,
-    LAST_HEADER_LENGTH: 6,
-    END_COUNTS: 8,
-    END_COMMENT: 2,
+    CENTRAL_METADATA: 4 * 14,
+    PINNED_CRC: 2 * 4,
 }
 
 
@@ -372,30 +359,24 @@ def test_flip_every_byte_xor_01(sealed_bytes: bytes, strict: TrustPolicy):
     assert sweep.changed_members == []
     assert [offset for offset, reason in sweep.loaded.items() if reason is None] == []
     assert Counter(sweep.loaded.values()) == FLIP_LOADS_XOR_01
-    # 185 of about 3,900 offsets load, all in the ZIP header fields that FLIP_LOADS_XOR_01 lists.
-    assert len(sweep.loaded) == 185
+    # 156 of about 3,900 offsets load, all in the ZIP header fields that FLIP_LOADS_XOR_01 lists.
+    assert len(sweep.loaded) == 156
+
+
+def test_flip_every_byte_xor_ff(sealed_bytes: bytes, strict: TrustPolicy):
+    sweep = sweep_flips(sealed_bytes, 0xFF, range(len(sealed_bytes)), strict, MEMBERS)
+
+    assert sweep.escaped == {}
+    assert sweep.changed_members == []
+    assert [offset for offset, reason in sweep.loaded.items() if reason is None] == []
+    assert Counter(sweep.loaded.values()) == FLIP_LOADS_XOR_FF
+    assert len(sweep.loaded) == 152
 
 
 def central_version_offsets(data: bytes) -> list[int]:
     """Offsets of the low byte of each central header's "version needed to extract"."""
     return sorted({field.start for field in map_zip_fields(data).values()
                    if field.record == "central header" and field.name == "version needed"})
-
-
-def test_flip_every_byte_xor_ff(sealed_bytes: bytes, strict: TrustPolicy):
-    # XOR 0xFF turns version 20 into 235, which hits the bug that
-    # test_central_version_above_63_rejected shows, so those 4 bytes are skipped here.
-    skipped = set(central_version_offsets(sealed_bytes))
-    offsets = [offset for offset in range(len(sealed_bytes)) if offset not in skipped]
-
-    sweep = sweep_flips(sealed_bytes, 0xFF, offsets, strict, MEMBERS)
-
-    assert len(skipped) == 4
-    assert sweep.escaped == {}
-    assert sweep.changed_members == []
-    assert [offset for offset, reason in sweep.loaded.items() if reason is None] == []
-    assert Counter(sweep.loaded.values()) == FLIP_LOADS_XOR_FF
-    assert len(sweep.loaded) == 184
 
 
 def test_central_version_above_63_rejected(sealed_bytes: bytes, strict: TrustPolicy):
@@ -1195,7 +1176,61 @@ def test_strict_verdicts(strict: TrustPolicy, sealed_bytes: bytes):
     verdicts = read_package(sealed_bytes, strict).verdicts
 
     assert verdicts[0].startswith("signature: valid, signer key ")
-    assert "decryption: 1 member(s) decrypted in memory" in verdicts
+    assert ("decryption: 1 member(s) decrypted in memory; the content key matches the signed "
+            "key commitment") in verdicts
+
+
+def resigned(sealed_bytes: bytes, keys: Keys, edit: Callable[[dict[str, Any]], None]) -> bytes:
+    """Return the sealed package with its manifest edited and signed again by the trusted
+    signer, as a builder with the signing key (or a bug in one) could."""
+    members = read_archive(sealed_bytes)[1]
+    manifest = json.loads(members.pop(MANIFEST_NAME))
+    members.pop(SIGNATURE_NAME)
+    edit(manifest)
+    return hand_built(manifest, members, keys.signer)
+
+
+def test_wrap_of_other_key_fails_commitment(keys: Keys, strict: TrustPolicy,
+                                             sealed_bytes: bytes):
+    # The signer wraps a second content key for this device. Without the commitment, GCM
+    # would be the only check left on which key decrypts the model.
+    def wrap_other_key(manifest: dict[str, Any]) -> None:
+        other_key = encryption.generate_content_key()
+        wrap = encryption.wrap_content_key(other_key, keys.device_public, manifest["name"],
+                                           manifest["version"])
+        manifest["encryption"]["recipients"] = [wrap.to_dict()]
+
+    with pytest.raises(DecryptionError, match="does not match the key commitment"):
+        read_package(resigned(sealed_bytes, keys, wrap_other_key), strict)
+
+
+@pytest.mark.parametrize("commitment", ["not base64!", "AAAA", 42, None])
+def test_malformed_commitment_rejected(keys: Keys, strict: TrustPolicy, sealed_bytes: bytes,
+                                       commitment: Any):
+    def set_commitment(manifest: dict[str, Any]) -> None:
+        manifest["encryption"]["key_commitment"] = commitment
+
+    with pytest.raises(DecryptionError, match="key_commitment"):
+        read_package(resigned(sealed_bytes, keys, set_commitment), strict)
+
+
+def test_without_commitment_plaintext_digest_checked(keys: Keys, strict: TrustPolicy,
+                                                     sealed_bytes: bytes):
+    # Packages written before the key commitment existed still load, and their plaintext
+    # digest is what ties the decrypted model to the signature.
+    def drop_commitment(manifest: dict[str, Any]) -> None:
+        del manifest["encryption"]["key_commitment"]
+
+    def drop_commitment_and_edit_digest(manifest: dict[str, Any]) -> None:
+        drop_commitment(manifest)
+        manifest["encryption"]["plaintext_sha256"]["model.onnx"] = "0" * 64
+
+    loaded = read_package(resigned(sealed_bytes, keys, drop_commitment), strict)
+    assert loaded.members == MEMBERS
+    assert ("decryption: 1 member(s) decrypted in memory; plaintext digests match the "
+            "manifest") in loaded.verdicts
+    with pytest.raises(PackageIntegrityError, match="decrypted 'model.onnx' has sha256"):
+        read_package(resigned(sealed_bytes, keys, drop_commitment_and_edit_digest), strict)
 
 
 def test_swapped_member_rejected(strict: TrustPolicy, sealed_members: dict[str, bytes],
