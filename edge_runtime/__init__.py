@@ -38,6 +38,7 @@ _LAZY = {
     "RollbackError": "edge_runtime.errors",
     "TeacherError": "edge_runtime.errors",
     "TeacherRejected": "edge_runtime.errors",
+    "TeacherRetryLater": "edge_runtime.errors",
     "TeacherUnavailable": "edge_runtime.errors",
 }
 _SUBMODULES = {"encryption", "signing"}
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         RollbackError,
         TeacherError,
         TeacherRejected,
+        TeacherRetryLater,
         TeacherUnavailable,
     )
     from edge_runtime.package import ModelPackage, TrustPolicy, read_package  # noqa: F401

@@ -15,6 +15,7 @@ can tell bad input data from a broken package or an unreachable teacher::
     ├── ConfigError             an invalid setting (names the key and the expected value)
     └── TeacherError            the teacher gateway could not answer
         ├── TeacherUnavailable      connection failed, timed out or the server returned 5xx
+        │   └── TeacherRetryLater       not before a known time (breaker open, Retry-After)
         └── TeacherRejected         the gateway refused the request (4xx)
 """
 
@@ -78,6 +79,22 @@ class TeacherError(EdgeRuntimeError):
 
 class TeacherUnavailable(TeacherError):
     """The teacher could not be reached, timed out, or returned a server error."""
+
+
+class TeacherRetryLater(TeacherUnavailable):
+    """The teacher must not be asked before a known time.
+
+    Raised while the circuit breaker is open or half-open, and when the gateway's
+    ``Retry-After`` (on HTTP 429 or 503) is beyond what is left of the query's budget.
+    ``retry_after`` is the number of seconds to wait from the moment of raising, and
+    ``retry_at`` the same moment as a Unix time. Both are None while a half-open breaker's
+    probe is in flight, because its end is not known.
+    """
+
+    def __init__(self, message: str, retry_after: float | None, retry_at: float | None):
+        self.retry_after = retry_after
+        self.retry_at = retry_at
+        super().__init__(message)
 
 
 class TeacherRejected(TeacherError):

@@ -14,30 +14,42 @@ student's probabilities are attached only when the runtime was created with ``de
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge_runtime._log import get_logger
 from edge_runtime._value import FrozenValue
-from edge_runtime.errors import ConfigError, PackageError, TeacherError, TeacherRejected
+from edge_runtime.errors import (
+    ConfigError,
+    ModelError,
+    PackageError,
+    TeacherError,
+    TeacherRejected,
+    TeacherUnavailable,
+)
 from edge_runtime.gate import ConfidenceGate, softmax
 from edge_runtime.model import DEFAULT_THREADS, OnnxClassifier
 from edge_runtime.package import ModelPackage, TrustPolicy, read_package
-from edge_runtime.teacher_client import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_READ_TIMEOUT,
-    TeacherClient,
-)
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from edge_runtime.teacher_client import TeacherClient
 
 log = get_logger(__name__)
 
 SOURCE_LOCAL = "local"
 SOURCE_TEACHER = "teacher"
 SOURCE_LOCAL_OFFLINE = "local-offline"
+# Routes: which path may answer a query.
+ROUTE_PREFER_LOCAL = "prefer-local"
+ROUTE_LOCAL_ONLY = "local-only"
+ROUTE_PREFER_TEACHER = "prefer-teacher"
+ROUTE_TEACHER_ONLY = "teacher-only"
+ROUTES = (ROUTE_PREFER_LOCAL, ROUTE_LOCAL_ONLY, ROUTE_PREFER_TEACHER, ROUTE_TEACHER_ONLY)
+# A teacher that keeps failing is logged once per this many seconds, with a count.
+FAILURE_LOG_INTERVAL = 60.0
 # The gateway accepts at most 2,000 characters, so longer text could never be escalated.
 MAX_TEXT_CHARS = 2_000
 
@@ -73,6 +85,7 @@ class EdgeRuntime:
         teacher: TeacherClient | None = None,
         threads: int = DEFAULT_THREADS,
         debug: bool = False,
+        route: str = ROUTE_PREFER_LOCAL,
     ):
         if package.manifest.gate is None:
             raise PackageError(
@@ -83,6 +96,8 @@ class EdgeRuntime:
         self._label_set = frozenset(self.student.labels)
         self.gate = ConfidenceGate(package.manifest.gate)
         self.teacher = teacher
+        self.route = self._check_route(route, "route")
+        self._teacher_failures = _FailureLog()
         self.debug = debug
         self.manifest = package.manifest
         self.golden_failures = self._check_golden(package.manifest.raw.get("golden") or [])
@@ -120,98 +135,130 @@ class EdgeRuntime:
         package_path: str | Path,
         teacher_url: str | None = None,
         api_key: str | None = None,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
         threads: int = DEFAULT_THREADS,
         debug: bool = False,
         trust: TrustPolicy | None = None,
+        route: str = ROUTE_PREFER_LOCAL,
     ) -> EdgeRuntime:
         """Verify and decrypt the package at ``package_path`` in memory, then create the
         session; escalate to ``teacher_url`` if given.
 
         ``trust`` holds the trusted signer keys, the device key and the rollback state. The
         default, ``TrustPolicy()``, trusts no signer, so a device must say whom it trusts.
+        Timeouts left at None take ``TeacherClient``'s defaults (1 s to connect, 2 s to read).
         """
         package = read_package(package_path, trust if trust is not None else TrustPolicy())
         teacher = None
         if teacher_url:
-            teacher = TeacherClient(
-                teacher_url, api_key=api_key,
-                connect_timeout=connect_timeout, read_timeout=read_timeout,
-            )
-        return cls(package, teacher=teacher, threads=threads, debug=debug)
+            # Imported here: a runtime without a teacher does not load the HTTP client.
+            from edge_runtime.teacher_client import TeacherClient
 
-    def answer(self, text: str) -> Answer:
-        """Answer one query through the cascade.
+            timeouts = {name: value for name, value in (("connect_timeout", connect_timeout),
+                                                        ("read_timeout", read_timeout))
+                        if value is not None}
+            teacher = TeacherClient(teacher_url, api_key=api_key, **timeouts)
+        return cls(package, teacher=teacher, threads=threads, debug=debug, route=route)
 
-        A teacher that is unreachable, rejects the request (4xx) or returns a label this package
-        does not know does not raise: the student's label comes back as ``local-offline``.
-        Raises ``ConfigError`` for invalid text, and ``TeacherError`` when the student's logits
-        are unusable and the teacher gave no answer.
+    def answer(self, text: str, route: str | None = None) -> Answer:
+        """Answer one query by ``route`` (default: the runtime's route).
+
+        ``prefer-local`` answers with the student when the gate allows and asks the teacher
+        otherwise; ``local-only`` never asks the teacher; ``prefer-teacher`` asks the teacher
+        first and answers locally only when it gives no answer; ``teacher-only`` never answers
+        locally. Except with ``teacher-only``, a teacher that is unreachable, rejects the
+        request (4xx) or returns a label this package does not know does not raise: the
+        student's label comes back as ``local-offline``.
+
+        Raises ``ConfigError`` for invalid text or route; ``TeacherUnavailable`` or
+        ``TeacherRejected`` when ``teacher-only`` gets no answer; ``ModelError`` when
+        ``local-only`` finds the student's logits unusable; and ``TeacherError`` when the
+        student's logits are unusable and the teacher gave no answer.
         """
-        if not isinstance(text, str):
-            raise ConfigError(f"text must be a str, got {type(text).__name__}")
-        if not text.strip():
-            raise ConfigError("text is empty; pass a non-empty query")
-        if len(text) > MAX_TEXT_CHARS:
-            raise ConfigError(
-                f"text has {len(text)} characters; the limit is {MAX_TEXT_CHARS}"
-            )
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ConfigError(
-                f"text is not valid Unicode ({exc.reason} at position {exc.start}); pass UTF-8 "
-                "text"
-            ) from None
+        route = self.route if route is None else self._check_route(route, "route")
+        _check_text(text)
         start = time.perf_counter()
+        timings: dict[str, float] = {}
+        if route in (ROUTE_PREFER_TEACHER, ROUTE_TEACHER_ONLY):
+            label, failure = self._ask_teacher(text, timings)
+            if label is not None:
+                return self._finish(label, SOURCE_TEACHER, timings, start)
+            if route == ROUTE_TEACHER_ONLY and failure is not None:
+                raise failure
+            prediction, decision, student_label = self._run_student(text, timings)
+            return self._finish(student_label, SOURCE_LOCAL_OFFLINE, timings, start,
+                                prediction.logits, decision.score)
+
+        prediction, decision, student_label = self._run_student(text, timings)
+        if route == ROUTE_LOCAL_ONLY:
+            if student_label is None:
+                raise ModelError("the student returned logits that are not finite; with the "
+                                 "local-only route there is no teacher to ask")
+            return self._finish(student_label, SOURCE_LOCAL, timings, start,
+                                prediction.logits, decision.score)
+        if decision.local and not self.golden_failures:
+            return self._finish(student_label, SOURCE_LOCAL, timings, start,
+                                prediction.logits, decision.score)
+        label, _ = self._ask_teacher(text, timings)
+        if label is not None:
+            return self._finish(label, SOURCE_TEACHER, timings, start,
+                                prediction.logits, decision.score)
+        return self._finish(student_label, SOURCE_LOCAL_OFFLINE, timings, start,
+                            prediction.logits, decision.score)
+
+    def _check_route(self, route: str, name: str) -> str:
+        if route not in ROUTES:
+            raise ConfigError(f"{name} {route!r} is not a route; use one of {', '.join(ROUTES)}")
+        if route == ROUTE_TEACHER_ONLY and self.teacher is None:
+            raise ConfigError("the teacher-only route needs a teacher; pass its URL")
+        return route
+
+    def _run_student(self, text: str, timings: dict[str, float]) -> tuple[Any, Any, str | None]:
         prediction = self.student.predict(text)
         decision = self.gate.decide(prediction.logits)
-        timings = {"tokenize": prediction.tokenize_ms, "student": prediction.inference_ms}
-        student_label = (
-            self.student.labels[decision.label_index] if decision.label_index is not None else None
-        )
+        timings["tokenize"] = prediction.tokenize_ms
+        timings["student"] = prediction.inference_ms
+        label = (self.student.labels[decision.label_index]
+                 if decision.label_index is not None else None)
+        return prediction, decision, label
 
-        source = SOURCE_LOCAL
-        label = student_label
-        if not decision.local or self.golden_failures:
-            label, source, teacher_ms = self._escalate(text, student_label)
-            if teacher_ms is not None:
-                timings["teacher"] = teacher_ms
-        timings["total"] = (time.perf_counter() - start) * 1000.0
-
+    def _finish(self, label: str | None, source: str, timings: dict[str, float], start: float,
+                logits: np.ndarray | None = None, score: float | None = None) -> Answer:
         if label is None:
-            # The student gave no usable logits and the teacher is unreachable.
+            # The student gave no usable logits and the teacher gave no answer.
             raise TeacherError(
                 "the student returned invalid logits and the teacher could not be reached"
             )
+        timings["total"] = (time.perf_counter() - start) * 1000.0
         return Answer(label=label, source=source, timings_ms=timings,
-                      debug=self._debug_info(prediction.logits, decision.score))
+                      debug=self._debug_info(logits, score))
 
-    def _escalate(
-        self, text: str, student_label: str | None
-    ) -> tuple[str | None, str, float | None]:
+    def _ask_teacher(self, text: str, timings: dict[str, float]
+                     ) -> tuple[str | None, TeacherError | None]:
+        """Return the teacher's label, or None and the reason it gave none."""
         if self.teacher is None:
-            return student_label, SOURCE_LOCAL_OFFLINE, None
+            return None, TeacherUnavailable("no teacher is configured")
         start = time.perf_counter()
         try:
             reply = self.teacher.predict(text)
         except TeacherError as exc:
-            # A rejection (4xx) is logged as an error because retrying will not fix it, but the
-            # device still gets the student's answer.
-            if isinstance(exc, TeacherRejected):
-                log.error("teacher gave no answer, answering locally: %s", exc)
-            else:
-                log.warning("teacher gave no answer, answering locally: %s", exc)
-            return student_label, SOURCE_LOCAL_OFFLINE, (time.perf_counter() - start) * 1000.0
+            self._teacher_failures.report(exc)
+            return None, exc
+        finally:
+            timings["teacher"] = (time.perf_counter() - start) * 1000.0
         if reply.label not in self._label_set:
-            log.error("teacher returned a label %r that this package does not know; answering "
-                      "locally", reply.label[:80])
-            return student_label, SOURCE_LOCAL_OFFLINE, (time.perf_counter() - start) * 1000.0
-        return reply.label, SOURCE_TEACHER, (time.perf_counter() - start) * 1000.0
+            failure = TeacherUnavailable(
+                f"the teacher returned the label {reply.label[:80]!r}, which this package does "
+                "not know; the teacher and the package are from different builds")
+            self._teacher_failures.report(failure)
+            return None, failure
+        self._teacher_failures.recovered()
+        return reply.label, None
 
-    def _debug_info(self, logits: np.ndarray, score: float | None) -> dict[str, object] | None:
-        if not self.debug:
+    def _debug_info(self, logits: np.ndarray | None, score: float | None
+                    ) -> dict[str, object] | None:
+        if not self.debug or logits is None:
             return None
         probabilities = softmax(logits, self.gate.temperature).round(6).tolist()
         return {
@@ -229,3 +276,50 @@ class EdgeRuntime:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_text(text: object) -> None:
+    if not isinstance(text, str):
+        raise ConfigError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ConfigError("text is empty; pass a non-empty query")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ConfigError(f"text has {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"text is not valid Unicode ({exc.reason} at position {exc.start}); pass UTF-8 text"
+        ) from None
+
+
+class _FailureLog:
+    """Log teacher failures without a line per query: the first one, then at most one line
+    per ``interval`` seconds with the number of failures since the last line."""
+
+    def __init__(self, interval: float = FAILURE_LOG_INTERVAL, clock: Any = time.monotonic):
+        self._interval = interval
+        self._clock = clock
+        self._last_logged: float | None = None
+        self._unlogged = 0
+        self._failing = False
+
+    def report(self, exc: TeacherError) -> None:
+        self._failing = True
+        self._unlogged += 1
+        now = self._clock()
+        if self._last_logged is not None and now - self._last_logged < self._interval:
+            return
+        # A rejection (4xx) is an error because retrying will not fix it.
+        write = log.error if isinstance(exc, TeacherRejected) else log.warning
+        write("teacher gave no answer (%d time(s) since the last message): %s",
+              self._unlogged, exc)
+        self._last_logged = now
+        self._unlogged = 0
+
+    def recovered(self) -> None:
+        if self._failing:
+            log.warning("teacher answers again")
+            self._failing = False
+            self._last_logged = None
+            self._unlogged = 0

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge_runtime.errors import ConfigError, TeacherRejected
+from edge_runtime.errors import ConfigError
 from edge_runtime.package_cli import add_trust_options, trust_from_args
 
 log = logging.getLogger(__name__)
@@ -207,16 +207,21 @@ class _ServiceSuspect:
             self.client.close()
 
     def _predict(self, text: str) -> str:
+        from edge_runtime.errors import TeacherRetryLater
+
         delay = FIRST_RETRY_DELAY
         for attempt in range(RATE_LIMIT_RETRIES + 1):
             try:
                 return self.client.predict(text).label
-            except TeacherRejected as exc:
-                if exc.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
+            except TeacherRetryLater as exc:
+                # The client already waited what fit in its budget; a longer Retry-After
+                # comes back here, and verification may wait longer than one query would.
+                if attempt == RATE_LIMIT_RETRIES:
                     raise
-                log.warning("suspect service rate-limited a query (HTTP 429); retrying in "
-                            "%.0f s", delay)
-                time.sleep(delay)
+                wait = max(delay, exc.retry_after or 0.0)
+                log.warning("suspect service asked to retry later (HTTP 429 or 503); "
+                            "retrying in %.0f s", wait)
+                time.sleep(wait)
                 delay *= 2
         raise AssertionError("unreachable: the last attempt returns or raises")
 

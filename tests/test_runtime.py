@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 
 import pytest
@@ -14,13 +15,17 @@ from edge_runtime import (
     ConfigError,
     EdgeRuntime,
     PackageError,
+    TeacherUnavailable,
 )
 from edge_runtime.data import load_split
 from edge_runtime.gateway.server import start_gateway
 from edge_runtime.package import read_package, write_package
-from tests.conftest import CLINC150_DIR, SIGNER_PUBLIC, demo_trust
+from tests.conftest import CLINC150_DIR, SIGNER_PUBLIC, demo_trust, free_loopback_port
 
 pytestmark = pytest.mark.slow
+
+# A loopback URL where nothing listens: connections are refused at once.
+CLOSED_URL = f"http://127.0.0.1:{free_loopback_port()}"
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +244,64 @@ def test_slow_teacher_reply_times_out(tiny_build):
         server.shutdown()
         server.server_close()
     assert answer.source == SOURCE_LOCAL_OFFLINE
+
+
+def test_local_only_route_never_asks(tiny_build, queries):
+    # The URL has no server: any teacher call would come back local-offline.
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=CLOSED_URL,
+                          route="local-only", trust=demo_trust()) as runtime:
+        answers = [runtime.answer(text) for text in queries[:40]]
+    assert {answer.source for answer in answers} == {SOURCE_LOCAL}
+    assert all("teacher" not in answer.timings_ms for answer in answers)
+
+
+def test_prefer_teacher_route(tiny_build, tiny_gateway, queries):
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=tiny_gateway.url,
+                          route="prefer-teacher", trust=demo_trust()) as runtime:
+        answers = [runtime.answer(text) for text in queries[:20]]
+        local = runtime.answer(queries[0], route="local-only")
+    assert {answer.source for answer in answers} == {SOURCE_TEACHER}
+    assert all("student" not in answer.timings_ms for answer in answers)
+    assert local.source == SOURCE_LOCAL
+
+
+def test_prefer_teacher_falls_back_offline(tiny_build, queries):
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=CLOSED_URL,
+                          route="prefer-teacher", debug=True, trust=demo_trust()) as runtime:
+        answers = [runtime.answer(text) for text in queries[:20]]
+    assert {answer.source for answer in answers} == {SOURCE_LOCAL_OFFLINE}
+    for answer in answers:
+        probabilities = answer.debug["probabilities"]
+        assert answer.label == max(probabilities, key=probabilities.get)
+
+
+def test_teacher_only_route_raises_without_teacher(tiny_build, tiny_gateway):
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=CLOSED_URL,
+                          trust=demo_trust()) as runtime:
+        with pytest.raises(TeacherUnavailable):
+            runtime.answer("what is my balance", route="teacher-only")
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=tiny_gateway.url,
+                          trust=demo_trust()) as runtime:
+        assert runtime.answer("what is my balance", route="teacher-only").source == \
+            SOURCE_TEACHER
+
+
+def test_route_validation(tiny_build):
+    with pytest.raises(ConfigError, match="teacher-only route needs a teacher"):
+        EdgeRuntime.load(tiny_build.student_package, route="teacher-only", trust=demo_trust())
+    with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust()) as runtime:
+        with pytest.raises(ConfigError, match="is not a route"):
+            runtime.answer("set an alarm", route="cloud-first")
+        with pytest.raises(ConfigError, match="teacher-only route needs a teacher"):
+            runtime.answer("set an alarm", route="teacher-only")
+
+
+def test_repeated_teacher_failures_logged_once(tiny_build, queries, caplog):
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.runtime"):
+        with EdgeRuntime.load(tiny_build.student_package, teacher_url=CLOSED_URL,
+                              route="prefer-teacher", trust=demo_trust()) as runtime:
+            answers = [runtime.answer(text) for text in queries[:30]]
+    failures = [record for record in caplog.records
+                if record.name == "edge_runtime.runtime" and "gave no answer" in record.message]
+    assert len(answers) == 30
+    assert len(failures) == 1
