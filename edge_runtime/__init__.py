@@ -21,9 +21,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "Answer": "edge_runtime.runtime",
     "EdgeRuntime": "edge_runtime.runtime",
+    "SOURCE_CACHE": "edge_runtime.runtime",
     "SOURCE_LOCAL": "edge_runtime.runtime",
     "SOURCE_LOCAL_OFFLINE": "edge_runtime.runtime",
     "SOURCE_TEACHER": "edge_runtime.runtime",
+    "ROUTES": "edge_runtime.runtime",
+    "AnswerCache": "edge_runtime.cache",
+    "SemanticCache": "edge_runtime.cache",
+    "EscalationLog": "edge_runtime.escalation_log",
     "ModelPackage": "edge_runtime.package",
     "TrustPolicy": "edge_runtime.package",
     "read_package": "edge_runtime.package",
@@ -59,6 +64,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from edge_runtime import encryption, signing  # noqa: F401
+    from edge_runtime.cache import AnswerCache, SemanticCache  # noqa: F401
     from edge_runtime.errors import (  # noqa: F401
         ConfigError,
         DataFormatError,
@@ -73,9 +79,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         TeacherRetryLater,
         TeacherUnavailable,
     )
+    from edge_runtime.escalation_log import EscalationLog  # noqa: F401
     from edge_runtime.package import ModelPackage, TrustPolicy, read_package  # noqa: F401
     from edge_runtime.rollback import RollbackState  # noqa: F401
     from edge_runtime.runtime import (  # noqa: F401
+        ROUTES,
+        SOURCE_CACHE,
         SOURCE_LOCAL,
         SOURCE_LOCAL_OFFLINE,
         SOURCE_TEACHER,

@@ -20,6 +20,7 @@ import numpy as np
 
 from edge_runtime._log import get_logger
 from edge_runtime._value import FrozenValue
+from edge_runtime.cache import AnswerCache, SemanticCache
 from edge_runtime.errors import (
     ConfigError,
     ModelError,
@@ -35,6 +36,7 @@ from edge_runtime.package import ModelPackage, TrustPolicy, read_package
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from edge_runtime.escalation_log import EscalationLog
     from edge_runtime.teacher_client import TeacherClient
 
 log = get_logger(__name__)
@@ -42,6 +44,7 @@ log = get_logger(__name__)
 SOURCE_LOCAL = "local"
 SOURCE_TEACHER = "teacher"
 SOURCE_LOCAL_OFFLINE = "local-offline"
+SOURCE_CACHE = "cache"  # a teacher label from the answer cache, without a network call
 # Routes: which path may answer a query.
 ROUTE_PREFER_LOCAL = "prefer-local"
 ROUTE_LOCAL_ONLY = "local-only"
@@ -73,7 +76,7 @@ class Answer(FrozenValue):
     @property
     def escalated(self) -> bool:
         """True when the gate sent the query to the teacher, whether or not it answered."""
-        return self.source in (SOURCE_TEACHER, SOURCE_LOCAL_OFFLINE)
+        return self.source in (SOURCE_TEACHER, SOURCE_LOCAL_OFFLINE, SOURCE_CACHE)
 
 
 class EdgeRuntime:
@@ -86,7 +89,14 @@ class EdgeRuntime:
         threads: int = DEFAULT_THREADS,
         debug: bool = False,
         route: str = ROUTE_PREFER_LOCAL,
+        answer_cache: AnswerCache | bool = True,
+        semantic_cache: SemanticCache | None = None,
+        escalation_log: EscalationLog | None = None,
     ):
+        """``answer_cache`` is True for an ``AnswerCache`` with its defaults (10,000 entries,
+        24 h), False for none, or a cache to use. ``semantic_cache`` is off by default; see
+        ``edge_runtime.cache`` for what it measured. ``escalation_log`` (opt-in) records every
+        escalated query; the caller keeps ownership and closes it."""
         if package.manifest.gate is None:
             raise PackageError(
                 f"{package.path} has no confidence gate in its manifest; a student package is "
@@ -98,6 +108,12 @@ class EdgeRuntime:
         self.teacher = teacher
         self.route = self._check_route(route, "route")
         self._teacher_failures = _FailureLog()
+        if answer_cache is True:
+            answer_cache = AnswerCache()
+        # Not "answer_cache or None": an empty cache has length 0, so it is falsy.
+        self.answer_cache: AnswerCache | None = None if answer_cache is False else answer_cache
+        self.semantic_cache = semantic_cache
+        self.escalation_log = escalation_log
         self.debug = debug
         self.manifest = package.manifest
         self.golden_failures = self._check_golden(package.manifest.raw.get("golden") or [])
@@ -141,6 +157,9 @@ class EdgeRuntime:
         debug: bool = False,
         trust: TrustPolicy | None = None,
         route: str = ROUTE_PREFER_LOCAL,
+        answer_cache: AnswerCache | bool = True,
+        semantic_cache: SemanticCache | None = None,
+        escalation_log: EscalationLog | None = None,
     ) -> EdgeRuntime:
         """Verify and decrypt the package at ``package_path`` in memory, then create the
         session; escalate to ``teacher_url`` if given.
@@ -159,7 +178,9 @@ class EdgeRuntime:
                                                         ("read_timeout", read_timeout))
                         if value is not None}
             teacher = TeacherClient(teacher_url, api_key=api_key, **timeouts)
-        return cls(package, teacher=teacher, threads=threads, debug=debug, route=route)
+        return cls(package, teacher=teacher, threads=threads, debug=debug, route=route,
+                   answer_cache=answer_cache, semantic_cache=semantic_cache,
+                   escalation_log=escalation_log)
 
     def answer(self, text: str, route: str | None = None) -> Answer:
         """Answer one query by ``route`` (default: the runtime's route).
@@ -167,9 +188,10 @@ class EdgeRuntime:
         ``prefer-local`` answers with the student when the gate allows and asks the teacher
         otherwise; ``local-only`` never asks the teacher; ``prefer-teacher`` asks the teacher
         first and answers locally only when it gives no answer; ``teacher-only`` never answers
-        locally. Except with ``teacher-only``, a teacher that is unreachable, rejects the
-        request (4xx) or returns a label this package does not know does not raise: the
-        student's label comes back as ``local-offline``.
+        locally. A query for the teacher is first looked up in the answer caches. Except with
+        ``teacher-only``, a teacher that is unreachable, rejects the request (4xx) or returns
+        a label this package does not know does not raise: the student's label comes back as
+        ``local-offline``.
 
         Raises ``ConfigError`` for invalid text or route; ``TeacherUnavailable`` or
         ``TeacherRejected`` when ``teacher-only`` gets no answer; ``ModelError`` when
@@ -181,31 +203,28 @@ class EdgeRuntime:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         if route in (ROUTE_PREFER_TEACHER, ROUTE_TEACHER_ONLY):
-            label, failure = self._ask_teacher(text, timings)
+            label, source, failure = self._ask_teacher(text, timings, None)
             if label is not None:
-                return self._finish(label, SOURCE_TEACHER, timings, start)
+                return self._finish(label, source, timings, start)
             if route == ROUTE_TEACHER_ONLY and failure is not None:
                 raise failure
-            prediction, decision, student_label = self._run_student(text, timings)
-            return self._finish(student_label, SOURCE_LOCAL_OFFLINE, timings, start,
-                                prediction.logits, decision.score)
+            student = self._run_student(text, timings)
+            self._log_escalation(text, student, None)
+            return self._finish(student.label, SOURCE_LOCAL_OFFLINE, timings, start, student)
 
-        prediction, decision, student_label = self._run_student(text, timings)
+        student = self._run_student(text, timings)
         if route == ROUTE_LOCAL_ONLY:
-            if student_label is None:
+            if student.label is None:
                 raise ModelError("the student returned logits that are not finite; with the "
                                  "local-only route there is no teacher to ask")
-            return self._finish(student_label, SOURCE_LOCAL, timings, start,
-                                prediction.logits, decision.score)
-        if decision.local and not self.golden_failures:
-            return self._finish(student_label, SOURCE_LOCAL, timings, start,
-                                prediction.logits, decision.score)
-        label, _ = self._ask_teacher(text, timings)
+            return self._finish(student.label, SOURCE_LOCAL, timings, start, student)
+        if student.decision.local and not self.golden_failures:
+            return self._finish(student.label, SOURCE_LOCAL, timings, start, student)
+        label, source, _ = self._ask_teacher(text, timings, student)
         if label is not None:
-            return self._finish(label, SOURCE_TEACHER, timings, start,
-                                prediction.logits, decision.score)
-        return self._finish(student_label, SOURCE_LOCAL_OFFLINE, timings, start,
-                            prediction.logits, decision.score)
+            return self._finish(label, source, timings, start, student)
+        self._log_escalation(text, student, None)
+        return self._finish(student.label, SOURCE_LOCAL_OFFLINE, timings, start, student)
 
     def _check_route(self, route: str, name: str) -> str:
         if route not in ROUTES:
@@ -214,17 +233,17 @@ class EdgeRuntime:
             raise ConfigError("the teacher-only route needs a teacher; pass its URL")
         return route
 
-    def _run_student(self, text: str, timings: dict[str, float]) -> tuple[Any, Any, str | None]:
+    def _run_student(self, text: str, timings: dict[str, float]) -> _StudentResult:
         prediction = self.student.predict(text)
         decision = self.gate.decide(prediction.logits)
         timings["tokenize"] = prediction.tokenize_ms
         timings["student"] = prediction.inference_ms
         label = (self.student.labels[decision.label_index]
                  if decision.label_index is not None else None)
-        return prediction, decision, label
+        return _StudentResult(prediction.logits, decision, label)
 
     def _finish(self, label: str | None, source: str, timings: dict[str, float], start: float,
-                logits: np.ndarray | None = None, score: float | None = None) -> Answer:
+                student: _StudentResult | None = None) -> Answer:
         if label is None:
             # The student gave no usable logits and the teacher gave no answer.
             raise TeacherError(
@@ -232,19 +251,30 @@ class EdgeRuntime:
             )
         timings["total"] = (time.perf_counter() - start) * 1000.0
         return Answer(label=label, source=source, timings_ms=timings,
-                      debug=self._debug_info(logits, score))
+                      debug=self._debug_info(student))
 
-    def _ask_teacher(self, text: str, timings: dict[str, float]
-                     ) -> tuple[str | None, TeacherError | None]:
-        """Return the teacher's label, or None and the reason it gave none."""
+    def _ask_teacher(self, text: str, timings: dict[str, float],
+                     student: _StudentResult | None
+                     ) -> tuple[str | None, str, TeacherError | None]:
+        """Return (label, source, None) from a cache or the teacher, or (None, "", reason)
+        when neither has an answer."""
+        start = time.perf_counter()
+        cached = self.answer_cache.get(text) if self.answer_cache is not None else None
+        if cached is None and self.semantic_cache is not None and student is not None:
+            hit = self.semantic_cache.get(_cache_vector(student.logits))
+            cached = hit[0] if hit is not None else None
+        if cached is not None and cached in self._label_set:
+            timings["cache"] = (time.perf_counter() - start) * 1000.0
+            return cached, SOURCE_CACHE, None
+
         if self.teacher is None:
-            return None, TeacherUnavailable("no teacher is configured")
+            return None, "", TeacherUnavailable("no teacher is configured")
         start = time.perf_counter()
         try:
             reply = self.teacher.predict(text)
         except TeacherError as exc:
             self._teacher_failures.report(exc)
-            return None, exc
+            return None, "", exc
         finally:
             timings["teacher"] = (time.perf_counter() - start) * 1000.0
         if reply.label not in self._label_set:
@@ -252,17 +282,37 @@ class EdgeRuntime:
                 f"the teacher returned the label {reply.label[:80]!r}, which this package does "
                 "not know; the teacher and the package are from different builds")
             self._teacher_failures.report(failure)
-            return None, failure
+            return None, "", failure
         self._teacher_failures.recovered()
-        return reply.label, None
+        if self.answer_cache is not None:
+            self.answer_cache.put(text, reply.label)
+        if self.semantic_cache is not None and student is not None:
+            self.semantic_cache.put(_cache_vector(student.logits), reply.label)
+        self._log_escalation(text, student, reply)
+        return reply.label, SOURCE_TEACHER, None
 
-    def _debug_info(self, logits: np.ndarray | None, score: float | None
-                    ) -> dict[str, object] | None:
-        if not self.debug or logits is None:
+    def _log_escalation(self, text: str, student: _StudentResult | None, reply: Any) -> None:
+        """Write an escalated query to the escalation log, when one is configured."""
+        if self.escalation_log is None:
+            return
+        self.escalation_log.record(
+            text,
+            source=SOURCE_TEACHER if reply is not None else SOURCE_LOCAL_OFFLINE,
+            teacher_label=reply.label if reply is not None else None,
+            student_label=student.label if student is not None else None,
+            package_name=self.manifest.name,
+            package_version=self.manifest.version,
+            student_score=student.decision.score if student is not None else None,
+            teacher_model_version=getattr(reply, "model_version", None),
+            teacher_request_id=getattr(reply, "request_id", None),
+        )
+
+    def _debug_info(self, student: _StudentResult | None) -> dict[str, object] | None:
+        if not self.debug or student is None:
             return None
-        probabilities = softmax(logits, self.gate.temperature).round(6).tolist()
+        probabilities = softmax(student.logits, self.gate.temperature).round(6).tolist()
         return {
-            "score": score,
+            "score": student.decision.score,
             "threshold": self.gate.threshold,
             "probabilities": dict(zip(self.student.labels, probabilities, strict=True)),
         }
@@ -319,7 +369,23 @@ class _FailureLog:
 
     def recovered(self) -> None:
         if self._failing:
-            log.warning("teacher answers again")
+            log.warning("teacher responds again")
             self._failing = False
             self._last_logged = None
             self._unlogged = 0
+
+
+class _StudentResult:
+    """The student's logits for one query, the gate's decision and the top-1 label."""
+
+    __slots__ = ("logits", "decision", "label")
+
+    def __init__(self, logits: np.ndarray, decision: Any, label: str | None):
+        self.logits = logits
+        self.decision = decision
+        self.label = label
+
+
+def _cache_vector(logits: np.ndarray) -> np.ndarray:
+    # Softmax ignores a constant added to every logit, so the cache compares centred logits.
+    return logits - logits.mean()

@@ -6,9 +6,11 @@ import json
 import logging
 import zipfile
 
+import httpx
 import pytest
 
 from edge_runtime import (
+    SOURCE_CACHE,
     SOURCE_LOCAL,
     SOURCE_LOCAL_OFFLINE,
     SOURCE_TEACHER,
@@ -18,8 +20,10 @@ from edge_runtime import (
     TeacherUnavailable,
 )
 from edge_runtime.data import load_split
+from edge_runtime.escalation_log import EscalationLog, read_all
 from edge_runtime.gateway.server import start_gateway
 from edge_runtime.package import read_package, write_package
+from edge_runtime.teacher_client import TeacherClient
 from tests.conftest import CLINC150_DIR, SIGNER_PUBLIC, demo_trust, free_loopback_port
 
 pytestmark = pytest.mark.slow
@@ -305,3 +309,89 @@ def test_repeated_teacher_failures_logged_once(tiny_build, queries, caplog):
                 if record.name == "edge_runtime.runtime" and "gave no answer" in record.message]
     assert len(answers) == 30
     assert len(failures) == 1
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """An httpx transport that counts the requests it is asked to send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests += 1
+        return super().handle_request(request)
+
+
+def test_stopped_teacher_costs_few_connections(tiny_build, queries):
+    # 1,000 queries with the teacher stopped: every one escalates, every answer is the
+    # student's, and once the breaker opens no query tries to connect.
+    transport = CountingTransport()
+    teacher = TeacherClient(CLOSED_URL, transport=transport)
+    package = read_package(tiny_build.student_package, demo_trust())
+    with EdgeRuntime(package, teacher=teacher, route="prefer-teacher",
+                     answer_cache=False) as runtime:
+        answers = [runtime.answer(queries[index % len(queries)]) for index in range(1000)]
+        attempts_before_open = transport.requests
+        breaker = teacher.breaker_state
+        more = [runtime.answer(text) for text in queries[:100]]
+
+    assert len(answers) == 1000
+    assert {answer.source for answer in answers + more} == {SOURCE_LOCAL_OFFLINE}
+    assert breaker == "open"
+    assert transport.requests - attempts_before_open == 0
+    assert attempts_before_open < 20
+
+
+def test_cache_answers_repeated_query(tiny_build, queries):
+    gateway = start_gateway(tiny_build.teacher_package, signer_keys=(str(SIGNER_PUBLIC),))
+    try:
+        with EdgeRuntime.load(tiny_build.student_package, teacher_url=gateway.url,
+                              route="prefer-teacher", trust=demo_trust()) as runtime:
+            first = runtime.answer("Set a timer for ten minutes!")
+            gateway.kill()
+            repeated = runtime.answer("set a timer for ten minutes")
+            other = runtime.answer("what is the weather like")
+    finally:
+        gateway.stop()
+    assert first.source == SOURCE_TEACHER
+    assert repeated.source == SOURCE_CACHE
+    assert repeated.label == first.label
+    assert "teacher" not in repeated.timings_ms
+    assert repeated.escalated
+    assert other.source == SOURCE_LOCAL_OFFLINE
+    assert runtime.answer_cache.stats.hits == 1
+
+
+def test_cache_off_asks_teacher_again(tiny_build, tiny_gateway):
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=tiny_gateway.url,
+                          route="prefer-teacher", answer_cache=False,
+                          trust=demo_trust()) as runtime:
+        sources = [runtime.answer("what is my balance").source for _ in range(3)]
+    assert sources == [SOURCE_TEACHER] * 3
+    assert runtime.answer_cache is None
+
+
+def test_escalation_log_records_escalations(tiny_build, tiny_gateway, queries, tmp_path):
+    log_path = tmp_path / "escalations.sqlite"
+    with EscalationLog(log_path) as escalations:
+        with EdgeRuntime.load(tiny_build.student_package, teacher_url=tiny_gateway.url,
+                              escalation_log=escalations, answer_cache=False,
+                              trust=demo_trust()) as runtime:
+            answers = [runtime.answer(text) for text in queries[:60]]
+        with EdgeRuntime.load(tiny_build.student_package, teacher_url=CLOSED_URL,
+                              route="prefer-teacher", escalation_log=escalations,
+                              trust=demo_trust()) as offline:
+            offline_answer = offline.answer("call mom at +1 415 555 0100")
+    records = read_all(log_path)
+
+    escalated = [answer for answer in answers if answer.source == SOURCE_TEACHER]
+    assert escalated
+    assert len(records) == len(escalated) + 1
+    assert [record.teacher_label for record in records[:-1]] == \
+        [answer.label for answer in escalated]
+    last = records[-1]
+    assert last.source == SOURCE_LOCAL_OFFLINE
+    assert last.teacher_label is None
+    assert last.student_label == offline_answer.label
+    assert "555" not in last.text
