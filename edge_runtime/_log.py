@@ -9,11 +9,17 @@ exactly as usual.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
 class LazyLogger:
-    """A stand-in for ``logging.getLogger(name)`` that imports ``logging`` when first used."""
+    """A stand-in for ``logging.getLogger(name)`` that imports ``logging`` when first used.
+
+    ``debug`` and ``info`` messages are dropped while no module has imported ``logging``: then
+    nothing can have configured a handler or a level, and Python's fallback handler shows only
+    warnings and errors, so the message would not appear anywhere either.
+    """
 
     __slots__ = ("name", "_logger")
 
@@ -23,11 +29,22 @@ class LazyLogger:
 
     def __getattr__(self, attribute: str) -> Any:
         # Called only for what the slots do not hold: the Logger's methods and attributes.
+        return getattr(self._real(), attribute)
+
+    def _real(self) -> Any:
         if self._logger is None:
             import logging
 
             self._logger = logging.getLogger(self.name)
-        return getattr(self._logger, attribute)
+        return self._logger
+
+    def debug(self, message: str, *args: Any, **kwargs: Any) -> None:
+        if "logging" in sys.modules:
+            self._real().debug(message, *args, **kwargs)
+
+    def info(self, message: str, *args: Any, **kwargs: Any) -> None:
+        if "logging" in sys.modules:
+            self._real().info(message, *args, **kwargs)
 
     def __repr__(self) -> str:
         return f"LazyLogger({self.name!r})"

@@ -1,5 +1,5 @@
-"""The ``edge-runtime`` command line: demo, ask, eval, gateway, api-key, keys, package and
-watermark."""
+"""The ``edge-runtime`` command line: demo, ask, eval, bench, gateway, api-key, keys, package
+and watermark."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
-from edge_runtime import package_cli, watermark_cli
+from edge_runtime import bench, package_cli, watermark_cli
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.package_cli import add_trust_options, trust_from_args
 from edge_runtime.runtime import EdgeRuntime
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(evaluate)
     _add_teacher_options(evaluate)
 
+    _add_bench_parser(commands)
+
     gateway = commands.add_parser(
         "gateway", help="serve a teacher over HTTP",
         description="Serve a teacher over HTTP. Settings come from --config (see "
@@ -158,6 +160,51 @@ def build_parser() -> argparse.ArgumentParser:
     package_cli.add_commands(commands)
     watermark_cli.add_commands(commands)
     return parser
+
+
+def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "bench", help="measure cold start, latency, throughput and memory of a package",
+        description="Measure how fast a package loads and runs on this machine: cold start in "
+                    "fresh processes, warm single-query latency, batch throughput, peak memory, "
+                    "sizes and the CPU. Prints tables, or one JSON record with --json.")
+    parser.add_argument("package", nargs="?", default=DEFAULT_STUDENT_PACKAGE,
+                        help="package to measure (default: %(default)s)")
+
+    parser.add_argument("--runs", type=positive_int, default=bench.DEFAULT_RUNS,
+                        help="single queries timed per thread count; also the minimum number "
+                             "of queries per throughput measurement (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=bench.DEFAULT_WARMUP,
+                        help="untimed single queries before each latency measurement "
+                             "(default: %(default)s)")
+    parser.add_argument("--cold-runs", type=positive_int, default=bench.DEFAULT_COLD_RUNS,
+                        help="timed cold starts, each in a fresh process, after one untimed "
+                             "warm-up process (default: %(default)s)")
+    parser.add_argument("--threads", type=bench.positive_int_list, default=bench.DEFAULT_THREADS,
+                        help="comma-separated ONNX Runtime intra-op thread counts, capped at "
+                             "the usable CPUs; cold starts use the first (default: %(default)s)")
+
+    parser.add_argument("--batch-sizes", type=bench.positive_int_list,
+                        default=bench.DEFAULT_BATCH_SIZES,
+                        help="comma-separated batch sizes for throughput (default: %(default)s)")
+
+    parser.add_argument("--inter-op-threads", type=positive_int, default=1,
+                        help="ONNX Runtime inter-op threads; above 1 runs graph nodes in "
+                             "parallel (default: %(default)s)")
+    parser.add_argument("--graph-optimization", default="all", metavar="LEVEL",
+                        help="ONNX Runtime graph optimization: disable, basic, extended or all "
+                             "(default: %(default)s)")
+    parser.add_argument("--providers", type=bench.name_list, default=None,
+                        help="comma-separated execution providers in order of preference; "
+                             "missing ones are dropped and CPUExecutionProvider is the fallback "
+                             "(default: CPUExecutionProvider)")
+
+    parser.add_argument("--queries", metavar="FILE",
+                        help="UTF-8 text file with one query per line (default: a built-in "
+                             "list of varied English requests)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON record instead of the tables")
+    add_trust_options(parser)
 
 
 @contextlib.contextmanager
@@ -245,6 +292,12 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    report = bench.run_benchmark(bench.settings_from_args(args))
+    print(json.dumps(report, indent=2) if args.json else bench.format_table(report))
+    return 0
+
+
 API_KEY_ENV = "EDGE_RUNTIME_API_KEY"
 CONFIG_ENV = "EDGE_GATEWAY_CONFIG"  # path of the gateway config when --config is not given
 
@@ -306,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    handlers = {"demo": run_demo, "ask": run_ask, "eval": run_eval, "gateway": run_gateway,
+    handlers = {"demo": run_demo, "ask": run_ask, "eval": run_eval, "bench": run_bench,
+                "gateway": run_gateway,
                 "api-key": run_api_key, "keys": package_cli.run_keys,
                 "package": package_cli.run_package, "watermark": watermark_cli.run}
     try:

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime import encryption, signing
@@ -60,8 +59,11 @@ SCHEMA_VERSION = 2
 DEFAULT_CLOCK_SKEW = 300.0  # seconds of tolerance on the expiry time
 
 
-@dataclass(frozen=True)
-class TrustPolicy:
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class TrustPolicy(FrozenValue):
     """What a reader requires of a package, and the keys it uses.
 
     ``trusted_keys``: signer public keys (ECDSA P-256) whose signatures are accepted.
@@ -69,19 +71,30 @@ class TrustPolicy:
     packages. ``passphrase``: a development-only alternative to the device key.
     ``rollback``: where accepted versions are recorded; None skips the rollback check.
     ``allow_unsigned``: accept a package without a signature, or skip checking one when no
-    trusted keys are given. For development and inspection only.
+    trusted keys are given. For development and inspection only. ``now`` returns the current
+    UTC time for the expiry check. ``replace(**changes)`` returns a changed copy.
     """
 
-    trusted_keys: Sequence[Any] = ()
-    device_key: Any = field(default=None, repr=False)
-    passphrase: str | bytes | None = field(default=None, repr=False)
-    rollback: RollbackState | None = None
-    allow_downgrade: bool = False
-    allow_unsigned: bool = False
-    clock_skew: float = DEFAULT_CLOCK_SKEW
-    now: Callable[[], dt.datetime] = field(
-        default=lambda: dt.datetime.now(dt.timezone.utc), repr=False
-    )
+    __slots__ = ("trusted_keys", "device_key", "passphrase", "rollback", "allow_downgrade",
+                 "allow_unsigned", "clock_skew", "now")
+    _hidden_in_repr = frozenset({"device_key", "passphrase", "now"})
+    trusted_keys: Sequence[Any]
+    device_key: Any
+    passphrase: str | bytes | None
+    rollback: RollbackState | None
+    allow_downgrade: bool
+    allow_unsigned: bool
+    clock_skew: float
+    now: Callable[[], dt.datetime]
+
+    def __init__(self, trusted_keys: Sequence[Any] = (), device_key: Any = None,
+                 passphrase: str | bytes | None = None, rollback: RollbackState | None = None,
+                 allow_downgrade: bool = False, allow_unsigned: bool = False,
+                 clock_skew: float = DEFAULT_CLOCK_SKEW,
+                 now: Callable[[], dt.datetime] = _utc_now):
+        self._init(trusted_keys=trusted_keys, device_key=device_key, passphrase=passphrase,
+                   rollback=rollback, allow_downgrade=allow_downgrade,
+                   allow_unsigned=allow_unsigned, clock_skew=clock_skew, now=now)
 
     @classmethod
     def unverified(cls, **kwargs: Any) -> TrustPolicy:
@@ -276,12 +289,15 @@ def read_archive(source: str | Path | bytes) -> tuple[str, dict[str, bytes]]:
     return archive.label, {name: bytes(view) for name, view in archive.members.items()}
 
 
-def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -> ModelPackage:
+def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None, *,
+                 on_stage: Callable[[str], None] | None = None) -> ModelPackage:
     """Read, verify and decrypt a package in memory.
 
     ``trust`` sets the keys and checks; without it, the reader accepts unsigned packages and
     does not check signatures (``TrustPolicy.unverified()``), which suits development tools
-    but not a device.
+    but not a device. ``on_stage``, if given, is called with ``"verified"`` once every check
+    before decryption has passed and with ``"decrypted"`` at the end, so that a benchmark can
+    time the two parts.
     """
     trust = trust if trust is not None else TrustPolicy.unverified()
     # Every member is hashed once here; the signature and manifest checks reuse the digests.
@@ -337,6 +353,8 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
 
     members = {name: blob for name, blob in raw_members.items() if name != MANIFEST_NAME}
     del raw_members, signature
+    if on_stage is not None:
+        on_stage("verified")
     if raw.get("encryption"):
         members, verdict = _decrypt(archive, manifest, raw["encryption"], members, trust)
         verdicts.append(verdict)
@@ -346,6 +364,8 @@ def read_package(source: str | Path | bytes, trust: TrustPolicy | None = None) -
 
     if trust.rollback is not None and signer_key_id is not None:
         trust.rollback.record(signer_key_id, manifest.name, manifest.version)
+    if on_stage is not None:
+        on_stage("decrypted")
     return ModelPackage(path=label, manifest=manifest, members=members,
                         signer_key_id=signer_key_id, verdicts=tuple(verdicts))
 

@@ -4,7 +4,6 @@ runtime commands share."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -171,8 +170,7 @@ def run_package(args: argparse.Namespace) -> int:
         return 0
     if command == "encrypt":
         # Re-encrypting is a build step, so it records nothing in the rollback state.
-        source = read_package(args.package, dataclasses.replace(trust_from_args(args),
-                                                                rollback=None))
+        source = read_package(args.package, trust_from_args(args).replace(rollback=None))
         recipients = [encryption.load_public_key(path) for path in args.recipient]
         passphrase = None
         if args.recipient_passphrase_env:

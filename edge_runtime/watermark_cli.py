@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -167,7 +166,7 @@ def _load_suspect(args: argparse.Namespace):
 
     # Verification inspects a suspect package, it does not install it, so no version is
     # recorded in the rollback state.
-    trust = dataclasses.replace(trust_from_args(args), rollback=None)
+    trust = trust_from_args(args).replace(rollback=None)
     classifier = OnnxClassifier.from_file(str(path), trust=trust)
 
     def predict(texts: Sequence[str]) -> list[str]:
