@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from edge_runtime import bench, package_cli, watermark_cli
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.package_cli import add_trust_options, trust_from_args
-from edge_runtime.runtime import EdgeRuntime
+from edge_runtime.runtime import ROUTE_PREFER_LOCAL, ROUTES, EdgeRuntime
 
 DEFAULT_STUDENT_PACKAGE = "models/clinc150-student.edgepkg"
 DEFAULT_TEACHER_PACKAGE = "models/clinc150-teacher.edgepkg"
@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--debug", action="store_true",
                      help="include the calibrated score and the top probabilities")
     ask.add_argument("--json", action="store_true", help="print the answer as JSON")
+    ask.add_argument("--route", choices=ROUTES, default=ROUTE_PREFER_LOCAL,
+                     help="which path may answer (default: %(default)s; see docs/runtime.md)")
+    ask.add_argument("--escalation-log", metavar="PATH",
+                     help="record the query in this escalation log if it is escalated "
+                          "(SQLite; personal data redacted; see docs/escalation-log.md)")
 
     evaluate = commands.add_parser("eval", help="evaluate a data split through the cascade")
     evaluate.add_argument("--data", required=True, help="data set folder")
@@ -119,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=positive_int, default=None,
                           help="evaluate only the first N queries in file order (default: all)")
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
+    evaluate.add_argument("--escalation-log", metavar="PATH",
+                          help="record every escalated query of the run in this escalation "
+                               "log, for the next training round")
     _add_runtime_options(evaluate)
     _add_teacher_options(evaluate)
 
@@ -223,9 +231,10 @@ def _teacher_url(args: argparse.Namespace) -> Iterator[str]:
 
 def run_demo(args: argparse.Namespace) -> int:
     with _teacher_url(args) as url:
+        # No answer cache: the warm-up query is shown again and must take its real path.
         with EdgeRuntime.load(args.package, teacher_url=url, api_key=teacher_api_key(),
-                              threads=args.threads,
-                              read_timeout=args.timeout, trust=trust_from_args(args)) as runtime:
+                              threads=args.threads, read_timeout=args.timeout,
+                              trust=trust_from_args(args), answer_cache=False) as runtime:
             runtime.answer(DEMO_QUERIES[0])  # warm-up, not shown
             runtime.teacher.healthy()  # opens the connection, so no row pays for it
             answers = [(query, runtime.answer(query)) for query in DEMO_QUERIES]
@@ -247,11 +256,22 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _escalation_log(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Open the --escalation-log file, or return a context that yields None."""
+    if not args.escalation_log:
+        return contextlib.nullcontext()
+    from edge_runtime.escalation_log import EscalationLog
+
+    return EscalationLog(args.escalation_log)
+
+
 def run_ask(args: argparse.Namespace) -> int:
-    with EdgeRuntime.load(args.package, teacher_url=args.teacher_url,
-                          api_key=teacher_api_key(), threads=args.threads,
-                          read_timeout=args.timeout, debug=args.debug,
-                          trust=trust_from_args(args)) as runtime:
+    with _escalation_log(args) as escalations, \
+            EdgeRuntime.load(args.package, teacher_url=args.teacher_url,
+                             api_key=teacher_api_key(), threads=args.threads,
+                             read_timeout=args.timeout, debug=args.debug,
+                             trust=trust_from_args(args), route=args.route,
+                             escalation_log=escalations) as runtime:
         answer = runtime.answer(args.text)
     if args.json:
         body = {"label": answer.label, "source": answer.source,
@@ -279,9 +299,13 @@ def run_eval(args: argparse.Namespace) -> int:
         examples = examples[: args.limit]
     with _teacher_url(args) as url:
         teacher = TeacherClient(url, api_key=teacher_api_key(), read_timeout=args.timeout)
-        with EdgeRuntime.load(args.package, teacher_url=url, api_key=teacher_api_key(),
-                              threads=args.threads,
-                              read_timeout=args.timeout, trust=trust_from_args(args)) as runtime:
+        # The answer cache stays off: eval measures the models, and a cached repeat would
+        # count as neither local nor teacher.
+        with _escalation_log(args) as escalations, \
+                EdgeRuntime.load(args.package, teacher_url=url, api_key=teacher_api_key(),
+                                 threads=args.threads, read_timeout=args.timeout,
+                                 trust=trust_from_args(args), answer_cache=False,
+                                 escalation_log=escalations) as runtime:
             result = evaluate(runtime, teacher, examples, progress=True)
         teacher.close()
     result["data"] = {"path": args.data, "split": args.split, "limit": args.limit}

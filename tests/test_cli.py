@@ -127,3 +127,31 @@ def test_demo_shows_both_sources(tiny_build):
     rows = [line for line in lines[2:-1]]
     assert any(" local " in row for row in rows)
     assert any(" teacher " in row for row in rows)
+
+
+def test_ask_route_and_escalation_log(tiny_build, tmp_path):
+    log_path = tmp_path / "escalations.sqlite"
+    # Port 9 (discard) has no server on loopback, so the teacher is unreachable.
+    result = run_cli("ask", "pay my card bill of 4111 1111 1111 1111", "--json",
+                     "--route", "prefer-teacher", "--teacher-url", "http://127.0.0.1:9",
+                     "--escalation-log", str(log_path), "--package",
+                     str(tiny_build.student_package))
+    local = run_cli("ask", "pay my card bill", "--json", "--route", "local-only",
+                    "--teacher-url", "http://127.0.0.1:9", "--escalation-log", str(log_path),
+                    "--package", str(tiny_build.student_package))
+    from edge_runtime.escalation_log import read_all
+
+    records = read_all(log_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["source"] == "local-offline"
+    assert json.loads(local.stdout)["source"] == "local"
+    assert len(records) == 1
+    assert records[0].source == "local-offline"
+    assert "4111" not in records[0].text
+
+
+def test_ask_unknown_route_exit_2(tiny_build):
+    result = run_cli("ask", "hello", "--route", "cloud-first", "--package",
+                     str(tiny_build.student_package))
+    assert result.returncode == 2
+    assert "cloud-first" in result.stderr
