@@ -14,6 +14,7 @@ student's probabilities are attached only when the runtime was created with ``de
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +54,8 @@ ROUTE_TEACHER_ONLY = "teacher-only"
 ROUTES = (ROUTE_PREFER_LOCAL, ROUTE_LOCAL_ONLY, ROUTE_PREFER_TEACHER, ROUTE_TEACHER_ONLY)
 # A teacher that keeps failing is logged once per this many seconds, with a count.
 FAILURE_LOG_INTERVAL = 60.0
+# Keyword options of OnnxClassifier that a runtime passes through.
+SESSION_OPTIONS = frozenset({"inter_op_threads", "graph_optimization", "providers"})
 # The gateway accepts at most 2,000 characters, so longer text could never be escalated.
 MAX_TEXT_CHARS = 2_000
 
@@ -92,17 +95,24 @@ class EdgeRuntime:
         answer_cache: AnswerCache | bool = True,
         semantic_cache: SemanticCache | None = None,
         escalation_log: EscalationLog | None = None,
+        session_options: dict[str, Any] | None = None,
     ):
         """``answer_cache`` is True for an ``AnswerCache`` with its defaults (10,000 entries,
         24 h), False for none, or a cache to use. ``semantic_cache`` is off by default; see
         ``edge_runtime.cache`` for what it measured. ``escalation_log`` (opt-in) records every
-        escalated query; the caller keeps ownership and closes it."""
+        escalated query; the caller keeps ownership and closes it. ``session_options`` are
+        the keyword options of ``OnnxClassifier``: ``inter_op_threads``,
+        ``graph_optimization`` and ``providers``."""
         if package.manifest.gate is None:
             raise PackageError(
                 f"{package.path} has no confidence gate in its manifest; a student package is "
                 "needed (teacher packages are served by the gateway)"
             )
-        self.student = OnnxClassifier(package, threads=threads)
+        unknown = sorted(set(session_options or {}) - SESSION_OPTIONS)
+        if unknown:
+            raise ConfigError(f"unknown session option(s) {', '.join(unknown)}; use "
+                              f"{', '.join(sorted(SESSION_OPTIONS))}")
+        self.student = OnnxClassifier(package, threads=threads, **(session_options or {}))
         self._label_set = frozenset(self.student.labels)
         self.gate = ConfidenceGate(package.manifest.gate)
         self.teacher = teacher
@@ -160,6 +170,7 @@ class EdgeRuntime:
         answer_cache: AnswerCache | bool = True,
         semantic_cache: SemanticCache | None = None,
         escalation_log: EscalationLog | None = None,
+        session_options: dict[str, Any] | None = None,
     ) -> EdgeRuntime:
         """Verify and decrypt the package at ``package_path`` in memory, then create the
         session; escalate to ``teacher_url`` if given.
@@ -180,7 +191,7 @@ class EdgeRuntime:
             teacher = TeacherClient(teacher_url, api_key=api_key, **timeouts)
         return cls(package, teacher=teacher, threads=threads, debug=debug, route=route,
                    answer_cache=answer_cache, semantic_cache=semantic_cache,
-                   escalation_log=escalation_log)
+                   escalation_log=escalation_log, session_options=session_options)
 
     def answer(self, text: str, route: str | None = None) -> Answer:
         """Answer one query by ``route`` (default: the runtime's route).
@@ -213,6 +224,40 @@ class EdgeRuntime:
             return self._finish(student.label, SOURCE_LOCAL_OFFLINE, timings, start, student)
 
         student = self._run_student(text, timings)
+        return self._answer_after_student(text, route, student, timings, start)
+
+    def answer_many(self, texts: Sequence[str], route: str | None = None,
+                    batch_size: int = 32) -> list[Answer]:
+        """Answer several queries, running the student on them in batches of ``batch_size``.
+
+        Escalated queries then go to the teacher one at a time, as in ``answer``. Each
+        answer's ``timings_ms["student"]`` is its share of its batch's time. NOTE: with an
+        int8 model quantized dynamically, a row's logits depend on the rest of its batch (see
+        ``OnnxClassifier.predict_batch``), so a score near the threshold can be decided
+        differently from ``answer``; ``batch_size=1`` gives the same decisions.
+        """
+        route = self.route if route is None else self._check_route(route, "route")
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise ConfigError("texts must be a list of str; pass one string per query")
+        for text in texts:
+            _check_text(text)
+        if route in (ROUTE_PREFER_TEACHER, ROUTE_TEACHER_ONLY):
+            return [self.answer(text, route) for text in texts]
+        answers = []
+        for first in range(0, len(texts), batch_size):
+            chunk = texts[first:first + batch_size]
+            start = time.perf_counter()
+            logits = self.student.predict_batch(chunk, batch_size=len(chunk))
+            share = (time.perf_counter() - start) * 1000.0 / len(chunk)
+            for text, row in zip(chunk, logits, strict=True):
+                row_start = time.perf_counter()
+                student = self._student_result(row)
+                answers.append(self._answer_after_student(
+                    text, route, student, {"student": share}, row_start))
+        return answers
+
+    def _answer_after_student(self, text: str, route: str, student: _StudentResult,
+                              timings: dict[str, float], start: float) -> Answer:
         if route == ROUTE_LOCAL_ONLY:
             if student.label is None:
                 raise ModelError("the student returned logits that are not finite; with the "
@@ -235,12 +280,15 @@ class EdgeRuntime:
 
     def _run_student(self, text: str, timings: dict[str, float]) -> _StudentResult:
         prediction = self.student.predict(text)
-        decision = self.gate.decide(prediction.logits)
         timings["tokenize"] = prediction.tokenize_ms
         timings["student"] = prediction.inference_ms
+        return self._student_result(prediction.logits)
+
+    def _student_result(self, logits: np.ndarray) -> _StudentResult:
+        decision = self.gate.decide(logits)
         label = (self.student.labels[decision.label_index]
                  if decision.label_index is not None else None)
-        return _StudentResult(prediction.logits, decision, label)
+        return _StudentResult(logits, decision, label)
 
     def _finish(self, label: str | None, source: str, timings: dict[str, float], start: float,
                 student: _StudentResult | None = None) -> Answer:

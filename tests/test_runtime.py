@@ -395,3 +395,38 @@ def test_escalation_log_records_escalations(tiny_build, tiny_gateway, queries, t
     assert last.teacher_label is None
     assert last.student_label == offline_answer.label
     assert "555" not in last.text
+
+
+def test_answer_many_matches_answer(tiny_build, tiny_gateway, queries):
+    with EdgeRuntime.load(tiny_build.student_package, teacher_url=tiny_gateway.url,
+                          answer_cache=False, trust=demo_trust()) as runtime:
+        one_by_one = [runtime.answer(text) for text in queries[:40]]
+        batched_single = runtime.answer_many(queries[:40], batch_size=1)
+        batched = runtime.answer_many(queries[:40], batch_size=16)
+    assert [(a.label, a.source) for a in batched_single] == \
+        [(a.label, a.source) for a in one_by_one]
+    agreeing = sum(a.label == b.label for a, b in zip(batched, one_by_one, strict=True))
+    assert agreeing >= 36  # int8 batches move logits a little (OnnxClassifier.predict_batch)
+    assert all(answer.timings_ms["student"] > 0 for answer in batched)
+
+
+def test_answer_many_rejects_bad_input(tiny_build):
+    with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust()) as runtime:
+        with pytest.raises(ConfigError, match="list of str"):
+            runtime.answer_many("one string")
+        with pytest.raises(ConfigError, match="empty"):
+            runtime.answer_many(["fine", "  "])
+        assert runtime.answer_many([]) == []
+
+
+def test_session_options_reach_student(tiny_build):
+    with EdgeRuntime.load(tiny_build.student_package, trust=demo_trust(),
+                          session_options={"graph_optimization": "basic",
+                                           "inter_op_threads": 2}) as runtime:
+        assert runtime.student.graph_optimization == "basic"
+        assert runtime.student.inter_op_threads == 2
+        assert runtime.answer("set an alarm for seven").source in (SOURCE_LOCAL,
+                                                                    SOURCE_LOCAL_OFFLINE)
+    with pytest.raises(ConfigError, match="unknown session option"):
+        EdgeRuntime.load(tiny_build.student_package, trust=demo_trust(),
+                         session_options={"intra_threads": 4})
