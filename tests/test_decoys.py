@@ -779,6 +779,22 @@ def test_router_routes_labels():
     assert router.route("the river flows north", "oos", REAL_TOOLS, [decoy, other]) is None
 
 
+def test_router_prefers_tool_named_by_label():
+    # Both tools cover the label "balance" fully; the one named by the label alone wins,
+    # whatever their order and even when the query shares more words with the other.
+    account = ToolSpec("balance", "Show the balance of a bank account",
+                       {"type": "object", "properties": {}})
+    bill = ToolSpec("bill_balance", "Show the balance left to pay on a bill",
+                    {"type": "object", "properties": {}})
+    router = IntentToolRouter(["balance", "bill_balance", "oos"])
+
+    for tools in ([bill, account], [account, bill]):
+        assert router.route("how much is left on my bill balance", "balance", tools, []) == {
+            "name": "balance", "arguments": {}}
+        assert router.route("what do i still owe on the bill", "bill_balance", tools, []) == {
+            "name": "bill_balance", "arguments": {}}
+
+
 def test_router_invalid_settings():
     with pytest.raises(ConfigError, match="labels"):
         IntentToolRouter([])

@@ -19,6 +19,7 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.gateway import keys as keys_module
 from edge_runtime.gateway.config import (
     ApiKeyEntry,
+    DefencesConfig,
     GatewayConfig,
     LimitsConfig,
     RateLimit,
@@ -100,6 +101,7 @@ def test_example_documents_defaults():
     assert config.teacher == TeacherConfig()
     assert config.limits == LimitsConfig()
     assert config.rate_limit == RateLimitConfig()
+    assert config.defences == DefencesConfig()
 
 
 def test_example_key_matches_entry():
@@ -897,3 +899,70 @@ def test_defences_secret_env_must_be_a_variable_name(tmp_path: Path):
     message = error_of(tmp_path, '[defences]\nsecret_env = "not a name"\n')
 
     assert "defences.secret_env" in message
+
+
+def test_degrade_limit_defaults(tmp_path: Path):
+    defences = load_text(tmp_path, "").defences
+
+    assert defences == DefencesConfig()
+    assert defences.degrade_rate == 1.0
+    assert defences.degrade_burst == 5
+    assert defences.degrade_block_after == 600
+
+
+def test_degrade_limit_loaded(tmp_path: Path):
+    text = "[defences]\ndegrade_rate = 2\ndegrade_burst = 1\ndegrade_block_after = 0\n"
+
+    defences = load_text(tmp_path, text).defences
+
+    assert defences.degrade_rate == 2.0
+    assert type(defences.degrade_rate) is float
+    assert defences.degrade_burst == 1
+    assert defences.degrade_block_after == 0
+
+
+@pytest.mark.parametrize(("line", "key", "shown"), [
+    ("degrade_rate = 0", "defences.degrade_rate", "is 0.0"),
+    ("degrade_rate = -1.5", "defences.degrade_rate", "is -1.5"),
+    ("degrade_rate = inf", "defences.degrade_rate", "is inf"),
+    ('degrade_rate = "fast"', "defences.degrade_rate", "is 'fast'"),
+    ("degrade_burst = 0", "defences.degrade_burst", "is 0"),
+    ("degrade_burst = 2.5", "defences.degrade_burst", "is 2.5"),
+    ("degrade_block_after = -1", "defences.degrade_block_after", "is -1"),
+    ("degrade_block_after = true", "defences.degrade_block_after", "is True"),
+])
+def test_degrade_limit_invalid_value(tmp_path: Path, line: str, key: str, shown: str):
+    message = error_of(tmp_path, f"[defences]\n{line}\n")
+
+    assert f"key {key!r} {shown}; expected" in message
+    assert str(tmp_path / "gateway.toml") in message
+
+
+def test_degrade_block_needs_burst_of_two(tmp_path: Path):
+    message = error_of(tmp_path, "[defences]\ndegrade_burst = 1\ndegrade_block_after = 10\n")
+
+    assert "key 'defences.degrade_burst' is 1; expected at least 2" in message
+    assert "degrade_block_after = 0" in message
+
+
+def test_degrade_limit_from_environment(tmp_path: Path):
+    environ = {"EDGE_GATEWAY__DEFENCES__DEGRADE_RATE": "0.25",
+               "EDGE_GATEWAY__DEFENCES__DEGRADE_BURST": "3",
+               "EDGE_GATEWAY__DEFENCES__DEGRADE_BLOCK_AFTER": "100"}
+
+    defences = load_text(tmp_path, "[defences]\ndegrade_rate = 4.0\n", environ).defences
+
+    assert defences.degrade_rate == 0.25
+    assert defences.degrade_burst == 3
+    assert defences.degrade_block_after == 100
+
+
+@pytest.mark.parametrize(("value", "fragment"), [
+    ("quick", "EDGE_GATEWAY__DEFENCES__DEGRADE_RATE is 'quick'; expected a number"),
+    ("0", "key 'defences.degrade_rate' from environment variable "
+          "EDGE_GATEWAY__DEFENCES__DEGRADE_RATE is 0.0"),
+])
+def test_degrade_rate_environment_invalid(tmp_path: Path, value: str, fragment: str):
+    message = error_of(tmp_path, "", {"EDGE_GATEWAY__DEFENCES__DEGRADE_RATE": value})
+
+    assert fragment in message

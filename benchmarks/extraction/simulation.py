@@ -1,10 +1,10 @@
 """The gateway under one defence setting, and its clients on a simulated clock.
 
-The gateway is the real Starlette application from ``create_app`` with the real rate limiter,
-monitor, randomizer and watermark, driven in this process through ``httpx.ASGITransport``.
-Only the teacher's inference is done ahead of time: ``PrecomputedTeacher`` returns the ranked
-candidates that the teacher package computed in one batch, exactly as ``OnnxTeacherBackend``
-ranks them.
+The gateway is the real Starlette application from ``create_app`` with the real rate limiter
+(and the degrade limit it applies), monitor, randomizer, watermark and decoy orchestrator,
+driven in this process through ``httpx.ASGITransport``. Only the teacher's inference is done
+ahead of time: ``PrecomputedTeacher`` returns the ranked candidates that the teacher package
+computed in one batch, exactly as ``OnnxTeacherBackend`` ranks them.
 
 The rate limiter, the monitor and the state store read one ``SimulatedClock``. A discrete
 event loop sends one request at a time, always for the client whose next send time is the
@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from edge_runtime.gateway.app import create_app
 from edge_runtime.gateway.backends import TeacherBackend, TeacherReply
 from edge_runtime.gateway.config import GatewayConfig, parse_gateway_config
+from edge_runtime.gateway.decoys import DecoyFactory
 from edge_runtime.gateway.defences import Defences
 from edge_runtime.gateway.keys import hash_api_key
 from edge_runtime.gateway.monitor import (
@@ -36,19 +38,27 @@ from edge_runtime.gateway.monitor import (
     client_key,
 )
 from edge_runtime.gateway.observability import GatewayMetrics
+from edge_runtime.gateway.orchestrator import IntentToolRouter, Orchestrator
 from edge_runtime.gateway.randomize import KeyedRandomizer
 from edge_runtime.gateway.ratelimit import MemoryRateLimiter
 from edge_runtime.gateway.state import MemoryStateStore
 from edge_runtime.gateway.watermark import MAX_RATE, Watermark, WatermarkLedger
 
-SETTINGS = ("off", "rate-limit", "monitor", "randomize", "watermark", "all")
+SETTINGS = ("off", "rate-limit", "monitor", "randomize", "watermark", "decoys",
+            "degrade-limit", "all")
+# Decoys reach only degraded clients, so the decoys setting includes the monitor. The degrade
+# limit needs the rate limiter and the monitor; "escalation" blocks a client that keeps it
+# exhausted for degrade_block_after requests in a row.
 SETTING_PARTS = {
     "off": frozenset(),
     "rate-limit": frozenset({"rate-limit"}),
     "monitor": frozenset({"monitor"}),
     "randomize": frozenset({"randomize"}),
     "watermark": frozenset({"watermark"}),
-    "all": frozenset({"rate-limit", "monitor", "randomize", "watermark"}),
+    "decoys": frozenset({"monitor", "decoys"}),
+    "degrade-limit": frozenset({"rate-limit", "monitor"}),
+    "all": frozenset({"rate-limit", "monitor", "randomize", "watermark", "decoys",
+                      "escalation"}),
 }
 TENANT = "benchmark"
 
@@ -92,13 +102,19 @@ class Gateway:
 
 
 def gateway_config(clients: Sequence[str], key_rate: float, key_burst: int,
-                   address_rate: float, address_burst: int) -> GatewayConfig:
-    """Build a config with one API key per client id, derived from the id by ``api_key``."""
+                   address_rate: float, address_burst: int,
+                   degrade: Mapping[str, Any] | None = None) -> GatewayConfig:
+    """Build a config with one API key per client id, derived from the id by ``api_key``.
+
+    ``degrade`` sets ``[defences]`` keys such as ``degrade_rate``; the benchmark assembles
+    the defences itself, so ``[defences]`` stays disabled.
+    """
     raw = {
         "tiers": {"default": {"rate": key_rate, "burst": key_burst}},
         "keys": [{"id": client, "hash": hash_api_key(api_key(client)), "tenant": TENANT,
                   "tier": "default"} for client in clients],
         "rate_limit": {"per_address": {"rate": address_rate, "burst": address_burst}},
+        "defences": dict(degrade or {}),
     }
     return parse_gateway_config(raw, source="benchmarks/extraction", environ={})
 
@@ -121,7 +137,8 @@ def build_gateway(setting: str, config: GatewayConfig, teacher: PrecomputedTeach
         return Gateway(app, None, None)
 
     store = MemoryStateStore(clock=clock)
-    monitor = ledger = randomizer = watermark = None
+    monitor = ledger = randomizer = watermark = orchestrator = None
+    settings = config.defences
     if "monitor" in defence_parts:
         monitor = ClientMonitor(store, featurizer, reference, audit=AuditLog(audit_path),
                                 clock=clock)
@@ -130,8 +147,18 @@ def build_gateway(setting: str, config: GatewayConfig, teacher: PrecomputedTeach
     if "watermark" in defence_parts:
         watermark = Watermark(secrets["watermark"], rate=MAX_RATE)
         ledger = WatermarkLedger(store, max_marked=100_000, max_controls=100_000, clock=clock)
+    if "decoys" in defence_parts:
+        # The simulated clock starts at 0, so every run stays in the first decoy period.
+        factory = DecoyFactory(secrets["decoys"], settings.decoy_rotation_seconds,
+                               known_tenants=[TENANT])
+        orchestrator = Orchestrator(
+            factory, {"allow": settings.decoy_strategy_allow,
+                      "degrade": settings.decoy_strategy_degrade},
+            settings.decoys_per_request, router=IntentToolRouter(labels), clock=clock)
+    block_after = settings.degrade_block_after if "escalation" in defence_parts else 0
     defences = Defences(monitor, store, metrics, fail_open=False, randomizer=randomizer,
-                        watermark=watermark, ledger=ledger, labels=labels)
+                        watermark=watermark, ledger=ledger, labels=labels,
+                        orchestrator=orchestrator, degrade_block_after=block_after)
     app = create_app(config, teacher, limiter, teacher.model, metrics=metrics,
                      defences=defences)
     return Gateway(app, monitor, ledger)
@@ -139,9 +166,13 @@ def build_gateway(setting: str, config: GatewayConfig, teacher: PrecomputedTeach
 
 @dataclass
 class Client:
-    """The traffic of one API key: its queries, its pacing and the labels it received.
+    """The traffic of one API key: its queries, its pacing and the answers it received.
 
     ``interval`` is the spacing in simulated seconds between queries while no limit applies.
+    ``tools``, when set, returns the OpenAI tool list sent with the query at a position.
+    ``answers`` holds the label of a label answer or the tool name of a tool call, and
+    ``decoys`` whether that tool call named a tool the client did not send, which only a
+    decoy can be.
     """
 
     name: str
@@ -149,7 +180,10 @@ class Client:
     queries: list[str]
     interval: float
     budget: int
+    tools: Callable[[int], list[dict]] | None = None
     answers: list[str] = field(default_factory=list)
+    tool_calls: list[bool] = field(default_factory=list)  # per answer: a tool call or not
+    decoys: list[bool] = field(default_factory=list)  # per answer: a call to a decoy
     answered_at: list[float] = field(default_factory=list)
     rejected_429: int = 0
     blocked_after: int | None = None  # answered queries before the first 403
@@ -217,10 +251,12 @@ async def run_clients(gateway: Gateway, clock: SimulatedClock, clients: Sequence
                     or attempts[client.name] >= max_attempts_factor * client.budget):
                 continue
             attempts[client.name] += 1
-            response = await sessions[client.name].post(
-                "/v1/predict", json={"text": client.queries[position]})
+            body: dict[str, Any] = {"text": client.queries[position]}
+            if client.tools is not None:
+                body["tools"] = client.tools(position)
+            response = await sessions[client.name].post("/v1/predict", json=body)
             if response.status_code == 200:
-                client.answers.append(response.json()["label"])
+                record_answer(client, response.json(), body.get("tools"))
                 client.answered_at.append(clock.now)
                 next_query[client.name] = position + 1
                 delay = next_send_delay(response, client.interval)
@@ -238,6 +274,20 @@ async def run_clients(gateway: Gateway, clock: SimulatedClock, clients: Sequence
     finally:
         for session in sessions.values():
             await session.aclose()
+
+
+def record_answer(client: Client, answer: Mapping[str, Any], tools: list[dict] | None) -> None:
+    """Append a label answer, or the name of a tool call and whether it named a decoy."""
+    if "tool_call" in answer:
+        name = answer["tool_call"]["name"]
+        sent = {tool["function"]["name"] for tool in tools or ()}
+        client.answers.append(name)
+        client.tool_calls.append(True)
+        client.decoys.append(name not in sent)
+    else:
+        client.answers.append(answer["label"])
+        client.tool_calls.append(False)
+        client.decoys.append(False)
 
 
 async def note_tier(gateway: Gateway, client: Client) -> None:

@@ -1,4 +1,4 @@
-"""Query sources of the simulated attackers.
+"""Query sources of the simulated attackers, and the tool lists of tool-calling clients.
 
 Every source returns at most ``count`` query texts in a fixed order for a given seed:
 
@@ -6,10 +6,14 @@ Every source returns at most ``count`` query texts in a fixed order for a given 
 - ``banking77``: the Banking77 training queries, a neighbouring domain (bank support).
 - ``templated``: in-domain queries from a few fixed frames whose slots are filled with
   content words of the CLINC150 training queries, as a scripted attacker would write them.
+
+``domain_tools`` turns the CLINC150 intents into OpenAI tools, one per intent and one list per
+CLINC150 domain (15 tools, within the gateway's default ``max_tools`` of 16).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
@@ -90,3 +94,20 @@ def load_source(name: str, count: int, seed: int, data_root: Path,
     if name == "templated":
         return make_templated(clinc_train, count, seed)
     raise ValueError(f"unknown query source {name!r}; expected one of {', '.join(SOURCES)}")
+
+
+def intent_tool(label: str) -> dict:
+    """Return an OpenAI tool named after a CLINC150 intent, without parameters."""
+    words = label.replace("_", " ")
+    return {"type": "function", "function": {
+        "name": label,
+        "description": f"Handle {words} requests",
+        "parameters": {"type": "object", "properties": {}},
+    }}
+
+
+def domain_tools(clinc_folder: Path) -> dict[str, list[dict]]:
+    """Return the intent tools of each CLINC150 domain, from ``domains.json``."""
+    domains = json.loads((clinc_folder / "domains.json").read_text(encoding="utf-8"))
+    return {domain: [intent_tool(label) for label in labels]
+            for domain, labels in domains.items()}

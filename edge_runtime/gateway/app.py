@@ -10,10 +10,12 @@ Endpoints:
 - ``GET /metrics``: counters and histograms in the Prometheus text format.
 
 Order of the checks on ``/v1/predict``: the per-address rate limit (so that guessing keys is
-limited too), the API key, the per-key rate limit, the body size, the JSON and its fields,
-then the teacher. Every refusal is an RFC 9457 problem body (``application/problem+json``)
-with fixed text that names the field but never echoes the request; an unexpected exception is
-logged with its request id and returns 500 without a stack trace.
+limited too), the API key, the per-key rate limit, the client's tier from the extraction
+monitor (403 when blocked), the degrade limit for a degraded client, the body size, the JSON
+and its fields, then the teacher. Every refusal is an RFC 9457 problem body
+(``application/problem+json``) with fixed text that names the field but never echoes the
+request; an unexpected exception is logged with its request id and returns 500 without a
+stack trace.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from edge_runtime.gateway.backends import (
 from edge_runtime.gateway.config import GatewayConfig, LimitsConfig
 from edge_runtime.gateway.defences import ClientBlocked, Defences, DefenceStateUnavailable
 from edge_runtime.gateway.keys import ApiKeyRecord, ApiKeyStore, parse_authorization
+from edge_runtime.gateway.monitor import DEGRADE
 from edge_runtime.gateway.observability import METRICS_CONTENT_TYPE, GatewayMetrics
 from edge_runtime.gateway.ratelimit import (
     Decision,
@@ -64,6 +67,7 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 # so that it cannot forge log lines or headers.
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 ANSWER_FIELDS = ("label", "tool_call", "text")
+DEGRADED_POLICY = "degraded"  # name of the degrade limit in RateLimit headers and metrics
 BLOCKED_DETAIL = ("This client is suspended because its queries look like model extraction; "
                   "contact the operator of this service.")
 
@@ -116,14 +120,21 @@ def create_app(
                                      config.rate_limit.per_address.burst)
     tier_policies = {name: RateLimitPolicy("key", tier.rate, tier.burst)
                      for name, tier in config.tiers.items()}
+    # Only the monitor puts clients in the degrade tier, and only a limiter can slow them.
+    degrade_policy = None
+    if limiter is not None and defences is not None and defences.monitor is not None:
+        degrade_policy = RateLimitPolicy(DEGRADED_POLICY, config.defences.degrade_rate,
+                                         config.defences.degrade_burst)
     if not config.auth_required:
         log.warning("no API keys are configured, so the gateway accepts requests without "
                     "one; add [[keys]] entries to the config before serving beyond this host")
 
-    async def check_rate(key: str, policy: RateLimitPolicy, decisions: list[Decision],
-                         request_id: str) -> None:
+    async def hit_limit(key: str, policy: RateLimitPolicy, decisions: list[Decision],
+                        request_id: str) -> Decision | None:
+        """Count the request under ``policy`` and return the decision, or None when no
+        limiter decided."""
         if limiter is None:
-            return
+            return None
         try:
             decision = await limiter.hit(key, policy)
         except RateLimiterUnavailable as exc:
@@ -132,18 +143,41 @@ def create_app(
             log.error("rate limiter unavailable, failing %s: %s", action, exc,
                       extra={"request_id": request_id})
             if action == "open":
-                return
+                return None
             raise Refusal(503, "Service unavailable",
                           "The rate limiter is unavailable; retry later.",
                           {"Retry-After": "1"}) from None
         decisions.append(decision)
-        if not decision.allowed:
-            metrics.rate_limited.labels(policy=policy.name).inc()
-            raise Refusal(429, "Too many requests",
-                          f"The {policy.name} rate limit is exhausted; retry after the time "
-                          "in Retry-After.",
-                          {**rate_limit_headers(decisions),
-                           "Retry-After": retry_after_header(decisions)})
+        return decision
+
+    def refuse_if_limited(decision: Decision | None, decisions: list[Decision]) -> None:
+        if decision is None or decision.allowed:
+            return
+        metrics.rate_limited.labels(policy=decision.policy.name).inc()
+        raise Refusal(429, "Too many requests",
+                      f"The {decision.policy.name} rate limit is exhausted; retry after the "
+                      "time in Retry-After.",
+                      {**rate_limit_headers(decisions),
+                       "Retry-After": retry_after_header(decisions)})
+
+    async def check_rate(key: str, policy: RateLimitPolicy, decisions: list[Decision],
+                         request_id: str) -> None:
+        refuse_if_limited(await hit_limit(key, policy, decisions, request_id), decisions)
+
+    async def check_degrade_rate(client_id: str, decisions: list[Decision],
+                                 request_id: str) -> None:
+        """Apply the degrade limit to a degraded client, and let the defences count it."""
+        decision = await hit_limit(f"degraded:{client_id}", degrade_policy, decisions,
+                                   request_id)
+        if decision is None:
+            return
+        try:
+            await defences.note_degraded_request(client_id, decision, request_id)
+        except DefenceStateUnavailable:
+            raise Refusal(503, "Service unavailable",
+                          "The gateway's state store is unavailable; retry later.",
+                          {"Retry-After": "1"}) from None
+        refuse_if_limited(decision, decisions)
 
     async def admit(client_id: str, request_id: str) -> str:
         try:
@@ -186,6 +220,8 @@ def create_app(
                                  request_id)
             client_id = f"key:{record.id}" if record is not None else f"address:{client}"
             tier = await admit(client_id, request_id) if defences is not None else "allow"
+            if tier == DEGRADE and degrade_policy is not None:
+                await check_degrade_rate(client_id, decisions, request_id)
             text, tools = await _read_query(request, limits, body_timeout)
             if defences is not None:
                 tenant = record.tenant if record is not None else "default"

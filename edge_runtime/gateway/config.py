@@ -1,10 +1,10 @@
 """Configuration of the teacher gateway, read from one TOML file and validated at load.
 
-The sections are ``[server]``, ``[teacher]``, ``[limits]``, ``[rate_limit]``, ``[tiers.NAME]``
-and ``[[keys]]``; examples/gateway.toml documents every key and its default. Every key has a
-default except the fields of a ``[[keys]]`` entry, and ``teacher.base_url`` and
-``teacher.model`` when the teacher backend is "openai". A file without ``[tiers]`` gets the
-built-in tier "default".
+The sections are ``[server]``, ``[teacher]``, ``[limits]``, ``[rate_limit]``, ``[defences]``,
+``[tiers.NAME]`` and ``[[keys]]``; examples/gateway.toml documents every key and its default.
+Every key has a default except the fields of a ``[[keys]]`` entry, and ``teacher.base_url``
+and ``teacher.model`` when the teacher backend is "openai". A file without ``[tiers]`` gets
+the built-in tier "default".
 
 Unknown sections and keys, wrong types and invalid values raise ``ConfigError``. The message
 names the file, the full key (for example ``rate_limit.redis_url``), the value and the expected
@@ -167,6 +167,8 @@ class DefencesConfig:
     ``secret_env`` names; it never sits in the file. The monitor needs ``reference_data``, a
     data folder that ``edge_runtime.data.load_split`` reads (the teacher's training data), to
     tell in-domain queries from the rest. Its state lives in the ``[rate_limit]`` backend.
+    The degrade limit and the block after ``degrade_block_after`` exhausted requests need
+    both the monitor and the rate limiter.
     """
 
     enabled: bool = False
@@ -182,6 +184,13 @@ class DefencesConfig:
     decoy_rotation_seconds: int = 86400  # decoys change every period
     decoy_strategy_allow: str = "retry_masked"  # what a decoy choice leads to for honest
     decoy_strategy_degrade: str = "return_decoy"  # ... and for degraded clients
+    # A client in the monitor's "degrade" tier gets this limit on top of its key's tier, in
+    # the [rate_limit] backend. Honest devices send well below 1 request per second.
+    degrade_rate: float = 1.0  # requests per second
+    degrade_burst: int = 5  # requests
+    # A degraded client whose degrade limit is exhausted on this many requests in a row is
+    # blocked. 0 never blocks for that reason.
+    degrade_block_after: int = 600  # requests
 
 
 @dataclass(frozen=True)
@@ -267,7 +276,8 @@ def load_gateway_config(path: str | Path,
     example ``EDGE_GATEWAY__SERVER__PORT=9000`` or ``EDGE_GATEWAY__RATE_LIMIT__REDIS_URL``.
     Section and key are separated by double underscores and matched case-insensitively. Only
     scalar keys (strings, numbers, booleans) of the fixed sections ``server``, ``teacher``,
-    ``limits`` and ``rate_limit`` can be overridden. Lists such as ``teacher.signer_keys``,
+    ``limits``, ``rate_limit`` and ``defences`` can be overridden, for example
+    ``EDGE_GATEWAY__DEFENCES__DEGRADE_RATE=0.5``. Lists such as ``teacher.signer_keys``,
     the table ``rate_limit.per_address``, ``[tiers]`` and ``[[keys]]`` are set in the file
     only. A value is parsed to the key's type: integers in decimal, numbers as Python floats,
     booleans as true/false/1/0, and an empty value unsets an optional string
@@ -605,6 +615,21 @@ class _ConfigParser:
         if defences.decoy_rotation_seconds < 60:
             self.fail("defences.decoy_rotation_seconds", defences.decoy_rotation_seconds,
                       "at least 60 seconds")
+        if not 0 < defences.degrade_rate < math.inf:
+            self.fail("defences.degrade_rate", defences.degrade_rate,
+                      "a number of requests per second above 0, for example 1.0")
+        if defences.degrade_burst < 1:
+            self.fail("defences.degrade_burst", defences.degrade_burst,
+                      "an integer number of requests of at least 1")
+        if defences.degrade_block_after < 0:
+            self.fail("defences.degrade_block_after", defences.degrade_block_after,
+                      "an integer number of requests of at least 0 (0 never blocks)")
+        if defences.degrade_block_after > 0 and defences.degrade_burst < 2:
+            # With a burst of 1, every admitted request leaves no quota, so an exhausted
+            # limit cannot tell a client at the limit from a slower one.
+            self.fail("defences.degrade_burst", defences.degrade_burst,
+                      "at least 2 while defences.degrade_block_after is above 0, or set "
+                      "degrade_block_after = 0")
         if defences.enabled and defences.monitor and not defences.reference_data:
             self.fail_missing("defences.reference_data",
                               "the folder of the teacher's training data (train and val "

@@ -8,6 +8,11 @@ clients. It also gives a keyed 0.5% of queries the watermark's alternative and r
 in the ledger with a control sample. ``Defences.record`` passes the query and the label
 returned for it to the behavioural monitor. Tier changes are counted in the metrics and
 written to the audit log.
+
+A degraded client also gets the degrade rate limit, which the application enforces with its
+rate limiter. ``Defences.note_degraded_request`` counts the requests that find that limit
+exhausted, and blocks a client that keeps it exhausted for ``degrade_block_after`` requests
+in a row.
 """
 
 from __future__ import annotations
@@ -29,14 +34,22 @@ from edge_runtime.gateway.monitor import (
     MonitorVerdict,
     ReferenceSet,
     TextFeaturizer,
+    client_key,
 )
 from edge_runtime.gateway.observability import GatewayMetrics
 from edge_runtime.gateway.orchestrator import IntentToolRouter, Orchestrator
 from edge_runtime.gateway.randomize import KeyedRandomizer, normalize_query, secret_from_env
+from edge_runtime.gateway.ratelimit import Decision
 from edge_runtime.gateway.state import StateStore, StateUnavailable, create_state_store
 from edge_runtime.gateway.watermark import Watermark, WatermarkLedger
 
 log = logging.getLogger(__name__)
+
+# Actions counted in ``edge_gateway_defence_actions_total`` besides those that
+# ``observability.DEFENCES`` creates: requests refused by the degrade limit, and clients
+# blocked for keeping it exhausted.
+DEGRADE_LIMIT_ACTIONS = ("slowed", "escalated")
+ESCALATION_REASON = "degrade limit exhausted on {count} requests in a row"
 
 
 class ClientBlocked(Exception):
@@ -48,13 +61,21 @@ class DefenceStateUnavailable(Exception):
 
 
 class Defences:
-    """Apply the configured defences; ``monitor`` None turns monitoring off."""
+    """Apply the configured defences; ``monitor`` None turns monitoring off.
+
+    ``degrade_block_after`` is the number of requests in a row on which a degraded client
+    finds its degrade limit exhausted before the monitor blocks it. 0 never blocks for that.
+    """
 
     def __init__(self, monitor: ClientMonitor | None, store: StateStore | None,
                  metrics: GatewayMetrics, fail_open: bool,
                  randomizer: KeyedRandomizer | None = None,
                  watermark: Watermark | None = None, ledger: WatermarkLedger | None = None,
-                 labels: Sequence[str] = (), orchestrator: Orchestrator | None = None):
+                 labels: Sequence[str] = (), orchestrator: Orchestrator | None = None,
+                 degrade_block_after: int = 0):
+        if degrade_block_after < 0:
+            raise ConfigError(f"degrade_block_after is {degrade_block_after}; pass 0 (never "
+                              "block for the degrade limit) or a number of requests")
         self.monitor = monitor
         self.store = store
         self.metrics = metrics
@@ -64,6 +85,9 @@ class Defences:
         self.ledger = ledger
         self.labels = tuple(labels)
         self.orchestrator = orchestrator
+        self.degrade_block_after = degrade_block_after
+        for action in DEGRADE_LIMIT_ACTIONS:
+            metrics.defence_actions.labels(action=action)
 
     async def ask(self, backend: TeacherBackend, text: str, tools: list[ToolSpec] | None,
                   client_id: str, tenant: str, tier: str, request_id: str) -> TeacherReply:
@@ -154,6 +178,46 @@ class Defences:
                 self.metrics.defence_actions.labels(action="degraded").inc()
         return verdict
 
+    async def note_degraded_request(self, client_id: str, decision: Decision,
+                                    request_id: str) -> bool:
+        """Count a degraded client's request against the degrade limit, and return True when
+        this request made the monitor block the client.
+
+        A request counts when the limit refused it or admitted it with no quota left, which
+        only a client sending at the limit's rate or faster does. A request that finds quota
+        left starts the count again, and so does a pause long enough to refill the limit,
+        because the count expires then. At ``degrade_block_after`` the client is flagged,
+        so its next request gets 403.
+
+        NOTE: the count is read and written without a lock, so concurrent requests of one
+        client, in one process or on several replicas, can lose counts and block it later.
+        """
+        if not decision.allowed:
+            self.metrics.defence_actions.labels(action="slowed").inc()
+        if self.monitor is None or self.store is None or self.degrade_block_after == 0:
+            return False
+        key = client_key(client_id) + ":degrade-exhausted"
+        # The limit is full again after reset_after seconds. A request after that finds quota
+        # left and starts the count again, so the count may expire then.
+        ttl_seconds = max(decision.reset_after, 1.0)
+        exhausted = not decision.allowed or decision.remaining == 0
+        try:
+            if not exhausted:
+                await self.store.set(key, "0", ttl_seconds=ttl_seconds)
+                return False
+            count = int(await self.store.get(key) or 0) + 1
+            await self.store.set(key, str(count), ttl_seconds=ttl_seconds)
+            if count < self.degrade_block_after:
+                return False
+            await self.monitor.flag(client_id, ESCALATION_REASON.format(count=count))
+        except StateUnavailable as exc:
+            self._state_failed(exc, request_id)
+            return False
+        self.metrics.defence_actions.labels(action="escalated").inc()
+        log.warning("client blocked for keeping the degrade limit exhausted", extra={
+            "request_id": request_id, "client_id": client_id, "count": count})
+        return True
+
     async def close(self) -> None:
         if self.store is not None:
             await self.store.close()
@@ -211,7 +275,11 @@ def build_defences(config: GatewayConfig, metrics: GatewayMetrics,
         monitor = ClientMonitor(store, featurizer, reference, audit=audit)
         log.info("behavioural monitor on: reference of %d training queries, audit log %s",
                  len(train), settings.audit_log)
+        if not config.rate_limit.enabled:
+            log.warning("rate limiting is off, so degraded clients get no degrade limit and "
+                        "are never blocked for exhausting it")
     return Defences(monitor, store, metrics,
                     fail_open=config.rate_limit.on_backend_error == "open",
                     randomizer=randomizer, watermark=watermark, ledger=ledger, labels=labels,
-                    orchestrator=orchestrator)
+                    orchestrator=orchestrator,
+                    degrade_block_after=settings.degrade_block_after)

@@ -362,7 +362,8 @@ class IntentToolRouter:
         best_decoy, decoy_overlap = self._best_lexical_match(decoys, query_words)
 
         if label in real_by_label:
-            tool = _max_overlap_tool(real_by_label[label], query_words)
+            tool = _best_tool_for_label(real_by_label[label], self._label_words[label],
+                                        query_words)
             uncertain = confidence is not None and confidence < self.min_confidence
             if (uncertain and best_decoy is not None
                     and decoy_overlap > len(query_words & _tool_words(tool))):
@@ -373,7 +374,8 @@ class IntentToolRouter:
 
         decoys_by_label = self._claims(decoys, frozenset(real_by_label))
         if label in decoys_by_label:
-            call = _call_for(_max_overlap_tool(decoys_by_label[label], query_words), text)
+            call = _call_for(_best_tool_for_label(decoys_by_label[label],
+                                                  self._label_words[label], query_words), text)
             if call is not None:
                 return call
         if best_decoy is None:
@@ -413,10 +415,21 @@ def _tool_words(tool: ToolSpec) -> frozenset[str]:
     return _routing_words(f"{tool.name} {tool.description}")
 
 
-def _max_overlap_tool(tools: Sequence[ToolSpec], query_words: frozenset[str]) -> ToolSpec:
-    """Return the tool sharing the most words with the query; the first one on a tie."""
-    return max(tools, key=lambda tool: (len(query_words & _tool_words(tool)),
-                                        -tools.index(tool)))
+def _best_tool_for_label(tools: Sequence[ToolSpec], label_words: frozenset[str],
+                         query_words: frozenset[str]) -> ToolSpec:
+    """Return the tool for a label among tools that cover its words equally well.
+
+    The tool whose name is made most of the label's words wins, so label "balance" goes to a
+    tool named ``balance`` and not to ``bill_balance``, which covers the label as well but
+    names something more specific. Then the tool sharing the most words with the query, then
+    the first one.
+    """
+    def rank(tool: ToolSpec) -> tuple[float, int, int]:
+        name_words = _routing_words(tool.name.replace("_", " "))
+        precision = len(name_words & label_words) / len(name_words) if name_words else 0.0
+        return precision, len(query_words & _tool_words(tool)), -tools.index(tool)
+
+    return max(tools, key=rank)
 
 
 def _call_for(tool: ToolSpec, text: str) -> dict[str, Any] | None:
