@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +41,8 @@ _EDGE_PUNCTUATION = " \t\n.,;:!?¿¡'\"()[]{}"
 def normalize_text(text: str) -> str:
     """Return the cache key of a query: NFKC, case-folded, inner whitespace collapsed and
     punctuation at both ends removed, so "Set a timer!" and "set a  timer" share an entry."""
+    import unicodedata  # imported here: only a runtime that asks the teacher needs it
+
     folded = unicodedata.normalize("NFKC", text).casefold()
     return _SPACE.sub(" ", folded).strip(_EDGE_PUNCTUATION)
 

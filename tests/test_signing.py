@@ -12,8 +12,11 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -30,6 +33,7 @@ from edge_runtime.signing import (
     sign_members,
     verify_members,
 )
+from tests.conftest import ROOT
 
 MEMBERS = {
     "manifest.json": b'{"name": "tiny", "schema_version": 2}',
@@ -773,3 +777,38 @@ def test_private_key_absent_from_logs_and_errors(key, other_key, caplog):
         assert secret_hex not in text
         for line in pem_lines:
             assert line not in text
+
+
+def test_verification_algorithm_matches_constructor(key):
+    algorithm = signing._ecdsa_sha256()
+    message = b"payload"
+    signature = key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+    assert isinstance(algorithm, ec.ECDSA)
+    assert isinstance(algorithm.algorithm, hashes.SHA256)
+    assert algorithm.deterministic_signing is False
+    key.public_key().verify(signature, message, algorithm)
+    with pytest.raises(InvalidSignature):
+        key.public_key().verify(signature, b"other payload", algorithm)
+
+
+def test_verify_skips_openssl_backend_import(key, tmp_path):
+    # A device that only verifies never imports cryptography's OpenSSL backend module.
+    members = {"manifest.json": b"{}"}
+    (tmp_path / "model.sig").write_bytes(sign_members(members, key))
+    (tmp_path / "signer.pub.pem").write_bytes(signing.public_key_to_pem(key.public_key()))
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from edge_runtime import signing\n"
+        f"folder = Path({str(tmp_path)!r})\n"
+        "public = signing.load_public_key_pem((folder / 'signer.pub.pem').read_bytes())\n"
+        "signing.verify_members((folder / 'model.sig').read_bytes(),\n"
+        "                       {'manifest.json': b'{}'}, [public])\n"
+        "print('cryptography.hazmat.backends.openssl.backend' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
