@@ -1,15 +1,21 @@
 """The build pipeline: data -> teacher -> ONNX -> int8 -> student distillation -> ONNX -> int8
 -> calibration -> packages and a build report.
 
+The student trains on the train split plus, with ``data.extra_train``, the teacher-labelled
+queries of escalation logs (``export.extra_train``). With ``teacher.mode = "package"`` no
+teacher is trained: the int8 teacher of ``teacher.package`` gives the soft targets and the
+teacher labels of calibration (``export.teacher_package``), and the student starts from the
+pretrained encoder's layers with a new head.
+
 Outputs in ``output.dir``:
 
 - ``teacher-fp32.onnx``, ``teacher-int8.onnx``, ``student-fp32.onnx``, ``student-int8.onnx`` and
-  ``tokenizer.json`` (inputs of the latency benchmark);
+  ``tokenizer.json`` (inputs of the latency benchmark); package mode writes no teacher files;
 - ``<name>-student.edgepkg``: the int8 student with its calibrated gate, for devices;
-- ``<name>-teacher.edgepkg``: the int8 teacher, served by the gateway;
+- ``<name>-teacher.edgepkg``: the int8 teacher, served by the gateway (not in package mode);
 - ``build_report.json`` and ``build_report.md``.
 
-With ``output.models_dir`` set, the two packages and the reports are also copied there.
+With ``output.models_dir`` set, the packages and the reports are also copied there.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ import platform
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from tokenizers import Tokenizer
 
 from edge_runtime import encryption, signing
 from edge_runtime.data import Example, load_split
@@ -34,8 +42,10 @@ from edge_runtime.metrics import accuracy_figures
 from edge_runtime.package import write_package
 from export.calibrate import calibrate
 from export.config import BuildConfig, PackageConfig
+from export.extra_train import load_extra_train
 from export.modeling import (
     PRETRAINED_NAME,
+    SentenceClassifier,
     count_parameters,
     cut_student,
     load_pretrained_classifier,
@@ -51,6 +61,7 @@ from export.onnx_export import (
     session_from_file,
 )
 from export.report import write_reports
+from export.teacher_package import PackageTeacher, load_package_teacher
 from export.train import distil_student, predict_logits, train_teacher
 
 log = logging.getLogger(__name__)
@@ -60,7 +71,8 @@ GOLDEN_COUNT = 8
 
 
 def load_data(config: BuildConfig) -> tuple[list[Example], list[Example], list[Example]]:
-    """Read the three splits and apply the quick-build filters of ``[data]``."""
+    """Read the three splits and apply the filters of ``[data]``: labels, the validation
+    examples skipped per label, then the per-label limits."""
     data = config.data
     splits = [load_split(data.path, name) for name in
               (data.train_split, data.val_split, data.test_split)]
@@ -70,6 +82,8 @@ def load_data(config: BuildConfig) -> tuple[list[Example], list[Example], list[E
         if missing:
             raise ConfigError(f"data.labels names labels not in the train split: {sorted(missing)}")
         splits = [[e for e in split if e.label in keep] for split in splits]
+    if data.val_skip_per_label:
+        splits[1] = _skip_first_per_label(splits[1], data.val_skip_per_label)
     limits = [data.max_train_per_label, data.max_eval_per_label, data.max_eval_per_label]
     splits = [_first_per_label(split, limit) for split, limit in zip(splits, limits, strict=True)]
     train, val, test = splits
@@ -97,6 +111,16 @@ def _first_per_label(examples: list[Example], limit: int) -> list[Example]:
             seen[example.label] += 1
             kept.append(example)
     return kept
+
+
+def _skip_first_per_label(examples: list[Example], count: int) -> list[Example]:
+    seen: Counter[str] = Counter()
+    remaining = []
+    for example in examples:
+        seen[example.label] += 1
+        if seen[example.label] > count:
+            remaining.append(example)
+    return remaining
 
 
 def load_package_keys(package: PackageConfig) -> tuple[Any, list[Any]]:
@@ -144,6 +168,19 @@ def _manifest(config: BuildConfig, role: str, labels: list[str], precision: str,
     }
 
 
+@dataclass
+class TeacherStage:
+    """Outputs of the teacher stage that the student stage uses."""
+
+    report: dict
+    soft_targets: np.ndarray  # (student examples, num_labels) teacher logits
+    val_logits: np.ndarray  # (validation, num_labels) logits of the int8 teacher
+    test_logits: np.ndarray  # (test, num_labels) logits of the int8 teacher
+    student: SentenceClassifier  # the student before distillation
+    student_origin: str  # how the student was initialised, for the report
+    int8_model: Path | None = None  # the int8 teacher ONNX file; None in package mode
+
+
 def build(config: BuildConfig) -> dict:
     """Run the whole pipeline; returns the report that is also written to disk."""
     started = time.perf_counter()
@@ -152,18 +189,30 @@ def build(config: BuildConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": config.to_dict(), "config_sha256": config.digest(), "stages": {}}
 
-    # Data.
+    # Data, including the escalation logs, so that a bad path fails before any training.
     train, val, test = load_data(config)
     labels = sorted({e.label for e in train})
     index = {label: i for i, label in enumerate(labels)}
+    extra = load_extra_train(config.data.extra_train, config.data.extra_train_weight, labels,
+                             train, val, test)
+    student_examples = train + extra.examples
+    student_texts = [e.text for e in student_examples]
+    student_labels = np.array([index[e.label] for e in student_examples], dtype=np.int64)
+    weights = np.concatenate([np.ones(len(train), dtype=np.float32),
+                              np.full(len(extra.examples), config.data.extra_train_weight,
+                                      dtype=np.float32)])
     train_texts = [e.text for e in train]
     train_labels = np.array([index[e.label] for e in train], dtype=np.int64)
     val_texts, val_labels = [e.text for e in val], np.array([index[e.label] for e in val])
     test_texts, test_labels = [e.text for e in test], np.array([index[e.label] for e in test])
     report["data"] = {"path": config.data.path, "labels": len(labels), "train": len(train),
-                      "validation": len(val), "test": len(test)}
-    log.info("data: %d labels, %d train, %d validation, %d test",
-             len(labels), len(train), len(val), len(test))
+                      "validation": len(val), "test": len(test), "extra_train": extra.report}
+    log.info("data: %d labels, %d train, %d validation, %d test, %d extra from escalation logs",
+             len(labels), len(train), len(val), len(test), len(extra.examples))
+
+    package_teacher = None
+    if config.teacher.mode == "package":
+        package_teacher = load_package_teacher(config.teacher, config.package, labels)
 
     tokenizer = load_tokenizer(config.teacher.max_length)
     tokenizer.save(str(out / "tokenizer.json"))
@@ -172,50 +221,38 @@ def build(config: BuildConfig) -> dict:
 
     # Teacher.
     stage = time.perf_counter()
-    teacher = load_pretrained_classifier(len(labels))
-    teacher_training = train_teacher(teacher, tokenizer, train_texts, train_labels,
-                                      config.teacher, config.seed)
-    teacher_test_logits = predict_logits(teacher, tokenizer, test_texts, description="teacher test")
-    export_onnx(teacher, out / "teacher-fp32.onnx", train_texts, tokenizer)
-    teacher_check = check_export(teacher, out / "teacher-fp32.onnx", tokenizer, check_texts,
-                                 config.checks.onnx_tolerance, "teacher")
-    recipe = quantize_int8(out / "teacher-fp32.onnx", out / "teacher-int8.onnx",
-                           config.quantization.weight_type, config.quantization.per_channel)
-    teacher_int8_session = session_from_file(out / "teacher-int8.onnx")
-    teacher_int8_test = onnx_logits(teacher_int8_session, tokenizer, test_texts)
-    teacher_int8_val = onnx_logits(teacher_int8_session, tokenizer, val_texts)
-    report["stages"]["teacher"] = {
-        "model": PRETRAINED_NAME, "mode": config.teacher.mode,
-        "parameters": count_parameters(teacher), "training": teacher_training,
-        "onnx_check": teacher_check.__dict__,
-        "test_fp32": _figures(teacher_test_logits, test_labels, labels),
-        "test_int8": _figures(teacher_int8_test, test_labels, labels),
-        "int8_fp32_agreement": _agreement(teacher_int8_test, teacher_test_logits),
-        "size_bytes": {"fp32": _size(out / "teacher-fp32.onnx"),
-                       "int8": _size(out / "teacher-int8.onnx")},
-        "seconds": round(time.perf_counter() - stage, 1),
-    }
-    log.info("teacher: test %s", report["stages"]["teacher"]["test_int8"])
+    if package_teacher is None:
+        teacher = _trained_teacher(config, out, tokenizer, labels, train_texts, train_labels,
+                                   student_texts, val_texts, test_texts, test_labels)
+    else:
+        teacher = _packaged_teacher(config, package_teacher, labels, student_texts, val_texts,
+                                    test_texts, test_labels)
+        del package_teacher
+    teacher.report["seconds"] = round(time.perf_counter() - stage, 1)
+    report["stages"]["teacher"] = teacher.report
+    log.info("teacher: test %s", teacher.report["test_int8"])
 
     # Student.
     stage = time.perf_counter()
-    soft_targets = predict_logits(teacher, tokenizer, train_texts, description="soft targets")
-    student = cut_student(teacher, config.student.layers)
-    del teacher
-    student_training = distil_student(student, tokenizer, train_texts, train_labels,
-                                      soft_targets, config.student, config.seed)
+    student = teacher.student
+    student_training = distil_student(student, tokenizer, student_texts, student_labels,
+                                      teacher.soft_targets, config.student, config.seed,
+                                      weights=weights)
     student_test_logits = predict_logits(student, tokenizer, test_texts)
     export_onnx(student, out / "student-fp32.onnx", train_texts, tokenizer)
     student_check = check_export(student, out / "student-fp32.onnx", tokenizer, check_texts,
                                  config.checks.onnx_tolerance, "student")
-    quantize_int8(out / "student-fp32.onnx", out / "student-int8.onnx",
-                  config.quantization.weight_type, config.quantization.per_channel)
+    recipe = quantize_int8(out / "student-fp32.onnx", out / "student-int8.onnx",
+                           config.quantization.weight_type, config.quantization.per_channel)
     student_int8_session = session_from_file(out / "student-int8.onnx")
     student_int8_test = onnx_logits(student_int8_session, tokenizer, test_texts)
     student_int8_val = onnx_logits(student_int8_session, tokenizer, val_texts)
     agreement = _agreement(student_int8_test, student_test_logits)
     report["stages"]["student"] = {
-        "layers": list(config.student.layers), "parameters": count_parameters(student),
+        "layers": list(config.student.layers), "initialised_from": teacher.student_origin,
+        "parameters": count_parameters(student),
+        "examples": {"train": len(train), "extra_train": len(extra.examples),
+                     "extra_train_weight": config.data.extra_train_weight},
         "distillation": {"temperature": config.student.temperature, "alpha": config.student.alpha,
                          **student_training},
         "onnx_check": student_check.__dict__,
@@ -235,12 +272,12 @@ def build(config: BuildConfig) -> dict:
         )
 
     # Calibration and gate, fitted on validation with the shipped int8 models.
-    calibration = calibrate(student_int8_val, val_labels, teacher_int8_val.argmax(1),
+    calibration = calibrate(student_int8_val, val_labels, teacher.val_logits.argmax(1),
                             config.calibration.max_disagreement)
     report["stages"]["calibration"] = {"temperature": calibration.temperature,
                                        "threshold": calibration.threshold, **calibration.figures}
     report["stages"]["cascade_preview_test"] = _cascade_preview(
-        student_int8_test, teacher_int8_test, test_labels, labels,
+        student_int8_test, teacher.test_logits, test_labels, labels,
         calibration.temperature, calibration.threshold,
     )
     log.info("calibration: T=%.3f threshold=%.4f; test preview %s", calibration.temperature,
@@ -250,8 +287,8 @@ def build(config: BuildConfig) -> dict:
     provenance = {
         "config_sha256": config.digest(),
         "data": {"path": config.data.path, "train": len(train), "validation": len(val),
-                 "test": len(test)},
-        "teacher": {"model": PRETRAINED_NAME, "mode": config.teacher.mode},
+                 "test": len(test), "extra_train": len(extra.examples)},
+        "teacher": _teacher_provenance(config, teacher.report),
         "builder": {"python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": ort.__version__, "machine": platform.machine()},
     }
@@ -267,30 +304,110 @@ def build(config: BuildConfig) -> dict:
         {"model.onnx": (out / "student-int8.onnx").read_bytes(), "tokenizer.json": tokenizer_bytes},
         signer_key=signer_key, recipients=recipients, encrypt_members=encrypted,
     )
-    teacher_package = write_package(
-        out / f"{config.output.name}-teacher.edgepkg",
-        _manifest(config, "teacher", labels, "int8", recipe, provenance, None,
-                  _golden(teacher_int8_val, val_texts, labels)),
-        {"model.onnx": (out / "teacher-int8.onnx").read_bytes(), "tokenizer.json": tokenizer_bytes},
-        signer_key=signer_key,
-    )
     report["packages"] = {
         "student": {"path": str(student_package), "size_bytes": _size(student_package),
                     "signed": signer_key is not None, "encrypted_for": len(recipients)},
-        "teacher": {"path": str(teacher_package), "size_bytes": _size(teacher_package),
-                    "signed": signer_key is not None, "encrypted_for": 0},
     }
+    copied = [student_package]
+    if teacher.int8_model is None:
+        # Package mode reuses teacher.package, so the build writes no teacher package.
+        report["packages"]["teacher"] = {"path": config.teacher.package,
+                                         "size_bytes": teacher.report["size_bytes"],
+                                         "reused": True}
+    else:
+        teacher_package = write_package(
+            out / f"{config.output.name}-teacher.edgepkg",
+            _manifest(config, "teacher", labels, "int8", recipe, provenance, None,
+                      _golden(teacher.val_logits, val_texts, labels)),
+            {"model.onnx": teacher.int8_model.read_bytes(), "tokenizer.json": tokenizer_bytes},
+            signer_key=signer_key,
+        )
+        report["packages"]["teacher"] = {"path": str(teacher_package),
+                                         "size_bytes": _size(teacher_package),
+                                         "signed": signer_key is not None, "encrypted_for": 0}
+        copied.append(teacher_package)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_reports(report, out)
 
     if config.output.models_dir:
         models = Path(config.output.models_dir)
         models.mkdir(parents=True, exist_ok=True)
-        for path in (student_package, teacher_package, out / "build_report.json",
-                     out / "build_report.md"):
+        for path in [*copied, out / "build_report.json", out / "build_report.md"]:
             shutil.copy2(path, models / path.name)
         log.info("copied packages and reports to %s", models)
     return report
+
+
+def _trained_teacher(config: BuildConfig, out: Path, tokenizer: Tokenizer, labels: list[str],
+                     train_texts: list[str], train_labels: np.ndarray,
+                     student_texts: list[str], val_texts: list[str], test_texts: list[str],
+                     test_labels: np.ndarray) -> TeacherStage:
+    """Train the teacher ("finetune" or "head" mode), export, check and quantize it, and cut
+    the student from its layers."""
+    check_texts = val_texts[:EXPORT_CHECK_TEXTS]
+    teacher = load_pretrained_classifier(len(labels))
+    teacher_training = train_teacher(teacher, tokenizer, train_texts, train_labels,
+                                      config.teacher, config.seed)
+    teacher_test_logits = predict_logits(teacher, tokenizer, test_texts, description="teacher test")
+    export_onnx(teacher, out / "teacher-fp32.onnx", train_texts, tokenizer)
+    teacher_check = check_export(teacher, out / "teacher-fp32.onnx", tokenizer, check_texts,
+                                 config.checks.onnx_tolerance, "teacher")
+    quantize_int8(out / "teacher-fp32.onnx", out / "teacher-int8.onnx",
+                  config.quantization.weight_type, config.quantization.per_channel)
+    teacher_int8_session = session_from_file(out / "teacher-int8.onnx")
+    teacher_int8_test = onnx_logits(teacher_int8_session, tokenizer, test_texts)
+    teacher_int8_val = onnx_logits(teacher_int8_session, tokenizer, val_texts)
+    report = {
+        "model": PRETRAINED_NAME, "mode": config.teacher.mode,
+        "parameters": count_parameters(teacher), "training": teacher_training,
+        "onnx_check": teacher_check.__dict__,
+        "test_fp32": _figures(teacher_test_logits, test_labels, labels),
+        "test_int8": _figures(teacher_int8_test, test_labels, labels),
+        "int8_fp32_agreement": _agreement(teacher_int8_test, teacher_test_logits),
+        "size_bytes": {"fp32": _size(out / "teacher-fp32.onnx"),
+                       "int8": _size(out / "teacher-int8.onnx")},
+    }
+    soft_targets = predict_logits(teacher, tokenizer, student_texts, description="soft targets")
+    student = cut_student(teacher, config.student.layers)
+    return TeacherStage(
+        report=report, soft_targets=soft_targets, val_logits=teacher_int8_val,
+        test_logits=teacher_int8_test, student=student,
+        student_origin=f"teacher layers {list(config.student.layers)} and its head",
+        int8_model=out / "teacher-int8.onnx",
+    )
+
+
+def _packaged_teacher(config: BuildConfig, teacher: PackageTeacher, labels: list[str],
+                      student_texts: list[str], val_texts: list[str], test_texts: list[str],
+                      test_labels: np.ndarray) -> TeacherStage:
+    """Compute the int8 ONNX teacher's logits from ``teacher.package`` ("package" mode) and
+    start the student from the pretrained encoder, because there is no fine-tuned PyTorch
+    teacher to cut it from."""
+    test_logits = teacher.logits(test_texts, description="teacher test")
+    val_logits = teacher.logits(val_texts, description="teacher validation")
+    soft_targets = teacher.logits(student_texts, description="soft targets")
+    provenance = teacher.classifier.package.manifest.raw.get("provenance") or {}
+    report = {
+        "model": (provenance.get("teacher") or {}).get("model", "unknown"),
+        "mode": "package",
+        **teacher.report,
+        "test_int8": _figures(test_logits, test_labels, labels),
+    }
+    pretrained = load_pretrained_classifier(len(labels))
+    student = cut_student(pretrained, config.student.layers)
+    del pretrained
+    origin = (f"pretrained {PRETRAINED_NAME} layers {list(config.student.layers)} with a new "
+              "head (teacher.mode is 'package', so there is no fine-tuned teacher to cut from)")
+    return TeacherStage(report=report, soft_targets=soft_targets, val_logits=val_logits,
+                        test_logits=test_logits, student=student, student_origin=origin)
+
+
+def _teacher_provenance(config: BuildConfig, teacher_report: dict) -> dict:
+    provenance = {"model": teacher_report["model"], "mode": config.teacher.mode}
+    if config.teacher.mode == "package":
+        provenance["package"] = f"{teacher_report['name']}@{teacher_report['version']}"
+        provenance["signer_key_id"] = teacher_report["signer_key_id"]
+    return provenance
 
 
 def _figures(logits: np.ndarray, expected: np.ndarray, labels: list[str]) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_runtime.errors import ConfigError
 from edge_runtime.gate import softmax
 
 
@@ -64,14 +65,21 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp((low + high) / 2.0))
 
 
-def choose_threshold(confidence: np.ndarray, agrees: np.ndarray, max_disagreement: float) -> float:
+def choose_threshold(confidence: np.ndarray, agrees: np.ndarray, max_disagreement: float,
+                     over: str = "local") -> float:
     """Lowest confidence whose local set (confidence >= it) disagrees on at most
     ``max_disagreement`` of its members. Returns 1.0, which the gate reads as "never answer
-    locally", when no such set exists or the only one needs a confidence of exactly 1.0."""
+    locally", when no such set exists or the only one needs a confidence of exactly 1.0.
+
+    With ``over="all"`` the local set's disagreements are counted as a share of all queries
+    instead, which bounds how far the cascade's agreement with the teacher can fall.
+    """
+    if over not in ("local", "all"):
+        raise ConfigError(f"over is {over!r}; expected 'local' or 'all'")
     order = np.argsort(-confidence, kind="stable")
     sorted_confidence = confidence[order]
     disagreements = np.cumsum(~agrees[order])
-    counts = np.arange(1, len(order) + 1)
+    counts = np.arange(1, len(order) + 1) if over == "local" else np.full(len(order), len(order))
     rate = disagreements / counts
     best = None
     for k in range(len(order)):

@@ -35,12 +35,27 @@ class DataConfig:
     max_eval_per_label: int = 0
     # Keep only these labels (empty keeps all); for quick builds.
     labels: tuple[str, ...] = ()
+    # Skip the first N examples of each label in the validation split (0 skips none). The
+    # skipped queries can then serve as simulated device traffic whose escalations train the
+    # next student, while the gate is calibrated only on queries no student trained on.
+    val_skip_per_label: int = 0
+    # Escalation logs (SQLite files, or folders holding escalations.sqlite3 and its archives)
+    # whose teacher-labelled records become extra student training examples.
+    extra_train: tuple[str, ...] = ()
+    # Loss weight of each extra example; the examples of the train split have weight 1.
+    extra_train_weight: float = 1.0
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    # "finetune": train encoder and head; "head": train a linear head on the frozen encoder.
+    # "finetune" trains encoder and head, and "head" trains a linear head on the frozen
+    # encoder. "package" trains nothing and uses the int8 ONNX teacher of teacher.package.
     mode: str = "finetune"
+    # The teacher package read in "package" mode, for example models/clinc150-teacher.edgepkg.
+    package: str = ""
+    # Public key (PEM) that must have signed teacher.package; empty trusts the public half of
+    # package.signer_key.
+    package_signer_key: str = ""
     epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -56,6 +71,9 @@ class StudentConfig:
     epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 1e-4
+    # Learning rate of the classification head; 0 uses learning_rate. A head that starts
+    # untrained (teacher.mode = "package") learns faster with a higher rate.
+    head_learning_rate: float = 0.0
     weight_decay: float = 0.01
     temperature: float = 2.0  # distillation temperature of the soft targets
     # Loss = alpha * KL(teacher || student at temperature) * temperature^2 + (1 - alpha) * CE.
@@ -127,6 +145,8 @@ class BuildConfig:
         return hashlib.sha256(canonical).hexdigest()
 
 
+TEACHER_MODES = ("finetune", "head", "package")
+
 _SECTIONS = {
     "data": DataConfig,
     "teacher": TeacherConfig,
@@ -140,8 +160,9 @@ _SECTIONS = {
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> BuildConfig:
-    """Read a TOML config; relative ``data.path`` and ``output`` folders resolve against the
-    current working directory. ``overrides`` maps dotted keys (``"student.epochs"``) to values."""
+    """Read a TOML config; relative ``data.path``, ``data.extra_train``, ``teacher.package`` and
+    ``output`` paths resolve against the current working directory. ``overrides`` maps dotted
+    keys (``"student.epochs"``) to values."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -229,8 +250,11 @@ def _validate(config: BuildConfig, source: str) -> None:
 
     if not config.data.path:
         fail("data.path", config.data.path, "the folder of a data set")
-    if config.teacher.mode not in ("finetune", "head"):
-        fail("teacher.mode", config.teacher.mode, "'finetune' or 'head'")
+    _validate_extra_train(config.data, fail)
+    _validate_teacher(config.teacher, config.package, fail)
+    if config.data.val_skip_per_label < 0:
+        fail("data.val_skip_per_label", config.data.val_skip_per_label,
+             "0 (skip none) or a positive integer")
     for key, value in [
         ("teacher.epochs", config.teacher.epochs),
         ("teacher.batch_size", config.teacher.batch_size),
@@ -259,6 +283,7 @@ def _validate(config: BuildConfig, source: str) -> None:
     for key, value in [
         ("teacher.weight_decay", config.teacher.weight_decay),
         ("student.weight_decay", config.student.weight_decay),
+        ("student.head_learning_rate", config.student.head_learning_rate),
     ]:
         if not 0.0 <= value < math.inf:
             fail(key, value, "a non-negative finite number")
@@ -271,3 +296,36 @@ def _validate(config: BuildConfig, source: str) -> None:
         fail("quantization.weight_type", config.quantization.weight_type, "'qint8' or 'quint8'")
     if not 0.0 <= config.checks.min_int8_agreement <= 1.0:
         fail("checks.min_int8_agreement", config.checks.min_int8_agreement, "a fraction in [0, 1]")
+
+
+def _validate_extra_train(data: DataConfig, fail: Any) -> None:
+    """Check the form of the extra_train keys; build() reads the logs before any training."""
+    for path in data.extra_train:
+        if not path.strip():
+            fail("data.extra_train", list(data.extra_train),
+                 "paths of escalation log files or folders, none empty")
+    duplicates = sorted({path for path in data.extra_train if data.extra_train.count(path) > 1})
+    if duplicates:
+        fail("data.extra_train", list(data.extra_train),
+             f"each path once; {duplicates} is listed more than once")
+    if not 0.0 < data.extra_train_weight < math.inf:
+        fail("data.extra_train_weight", data.extra_train_weight, "a positive finite number")
+
+
+def _validate_teacher(teacher: TeacherConfig, package: PackageConfig, fail: Any) -> None:
+    if teacher.mode not in TEACHER_MODES:
+        fail("teacher.mode", teacher.mode, "'finetune', 'head' or 'package'")
+    if teacher.mode == "package":
+        if not teacher.package:
+            fail("teacher.package", teacher.package,
+                 "the path of a teacher package, because teacher.mode is 'package'")
+        if not teacher.package_signer_key and not package.signer_key:
+            fail("teacher.package_signer_key", teacher.package_signer_key,
+                 "the public key that signed teacher.package, because package.signer_key is "
+                 "empty too")
+        return
+    for key, value in [("teacher.package", teacher.package),
+                       ("teacher.package_signer_key", teacher.package_signer_key)]:
+        if value:
+            fail(key, value, f"no value, because teacher.mode is {teacher.mode!r}; set "
+                             "teacher.mode = 'package' to use a teacher package")

@@ -26,6 +26,7 @@ def render_markdown(report: dict) -> str:
     teacher, student = stages["teacher"], stages["student"]
     calibration, preview = stages["calibration"], stages["cascade_preview_test"]
     data = report["data"]
+    from_package = teacher["mode"] == "package"
     lines = [
         "# Build report",
         "",
@@ -33,14 +34,20 @@ def render_markdown(report: dict) -> str:
         f"{data['validation']} validation, {data['test']} test queries. "
         f"Config SHA-256 `{report['config_sha256'][:16]}`. Build time {report['seconds']} s.",
         "",
+        *_extra_train_lines(data.get("extra_train") or {}),
         "## Test split",
         "",
         "| model | accuracy | in-scope accuracy | out-of-scope recall | size |",
         "| --- | --- | --- | --- | --- |",
     ]
-    rows = [
-        ("teacher fp32", teacher["test_fp32"], teacher["size_bytes"]["fp32"]),
-        ("teacher int8", teacher["test_int8"], teacher["size_bytes"]["int8"]),
+    if from_package:
+        rows = [("teacher int8 (package)", teacher["test_int8"], teacher["size_bytes"])]
+    else:
+        rows = [
+            ("teacher fp32", teacher["test_fp32"], teacher["size_bytes"]["fp32"]),
+            ("teacher int8", teacher["test_int8"], teacher["size_bytes"]["int8"]),
+        ]
+    rows += [
         ("student fp32", student["test_fp32"], student["size_bytes"]["fp32"]),
         ("student int8", student["test_int8"], student["size_bytes"]["int8"]),
     ]
@@ -59,14 +66,18 @@ def render_markdown(report: dict) -> str:
         "",
         "## Checks",
         "",
-        f"- Teacher ONNX vs PyTorch: max absolute logit difference "
-        f"{teacher['onnx_check']['max_abs_diff']:.2e} on {teacher['onnx_check']['texts']} texts "
-        f"(tolerance {teacher['onnx_check']['tolerance']:.0e}).",
+    ]
+    if not from_package:
+        lines += [
+            f"- Teacher ONNX vs PyTorch: max absolute logit difference "
+            f"{teacher['onnx_check']['max_abs_diff']:.2e} on {teacher['onnx_check']['texts']} "
+            f"texts (tolerance {teacher['onnx_check']['tolerance']:.0e}).",
+        ]
+    lines += [
         f"- Student ONNX vs PyTorch: max absolute logit difference "
         f"{student['onnx_check']['max_abs_diff']:.2e} on {student['onnx_check']['texts']} texts "
         f"(tolerance {student['onnx_check']['tolerance']:.0e}).",
-        f"- int8 vs fp32 top-1 agreement on test: teacher {_pct(teacher['int8_fp32_agreement'])}, "
-        f"student {_pct(student['int8_fp32_agreement'])}.",
+        _int8_agreement_line(teacher, student, from_package),
         "",
         "## Calibration and gate (validation split)",
         "",
@@ -81,12 +92,47 @@ def render_markdown(report: dict) -> str:
         "",
         "## Models",
         "",
-        f"- Teacher: {teacher['model']} ({teacher['mode']}), {teacher['parameters']:,} parameters.",
-        f"- Student: teacher layers {student['layers']}, {student['parameters']:,} parameters, "
+        _teacher_line(teacher),
+        f"- Student: {student['initialised_from']}, {student['parameters']:,} parameters, "
         f"distilled at T={student['distillation']['temperature']} with "
         f"alpha={student['distillation']['alpha']}.",
         f"- Packages: student {_mb(report['packages']['student']['size_bytes'])}, teacher "
-        f"{_mb(report['packages']['teacher']['size_bytes'])}.",
+        f"{_mb(report['packages']['teacher']['size_bytes'])}"
+        + (" (reused, not rebuilt)." if from_package else "."),
         "",
     ]
     return "\n".join(lines)
+
+
+def _teacher_line(teacher: dict) -> str:
+    if teacher["mode"] == "package":
+        return (f"- Teacher: package `{teacher['package']}` ({teacher['name']} version "
+                f"{teacher['version']}, {teacher['model']}, signer key "
+                f"{teacher['signer_key_id']}), not retrained; {teacher['labels_used']} of its "
+                f"{teacher['labels_in_package']} labels used.")
+    return (f"- Teacher: {teacher['model']} ({teacher['mode']}), "
+            f"{teacher['parameters']:,} parameters.")
+
+
+def _int8_agreement_line(teacher: dict, student: dict, from_package: bool) -> str:
+    if from_package:
+        return (f"- int8 vs fp32 top-1 agreement on test: student "
+                f"{_pct(student['int8_fp32_agreement'])} (the packaged teacher is int8 only).")
+    return (f"- int8 vs fp32 top-1 agreement on test: teacher "
+            f"{_pct(teacher['int8_fp32_agreement'])}, student "
+            f"{_pct(student['int8_fp32_agreement'])}.")
+
+
+def _extra_train_lines(extra: dict) -> list[str]:
+    """Return the escalation-log paragraph, or no lines when the build read no logs."""
+    if not extra.get("paths"):
+        return []
+    skipped = [f"{count} {reason}" for reason, count in extra["skipped"].items() if count]
+    return [
+        f"Escalation logs (`data.extra_train`): {extra['read']} records read from "
+        f"{len(extra['files'])} file(s), {extra['used']} used as extra student examples "
+        f"(weight {extra['weight']}, {extra['labels']} labels), "
+        f"{extra['read'] - extra['used']} skipped"
+        + (f": {', '.join(skipped)}." if skipped else "."),
+        "",
+    ]

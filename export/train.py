@@ -135,16 +135,26 @@ def distil_student(
     teacher_logits: np.ndarray,
     config: StudentConfig,
     seed: int,
+    weights: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Distil in place: alpha * KL(soft teacher || soft student) * T^2 + (1 - alpha) * CE."""
+    """Distil in place: alpha * KL(soft teacher || soft student) * T^2 + (1 - alpha) * CE.
+
+    ``weights`` (len(texts),) scales each example's loss, and None gives every example weight 1.
+    A batch's loss is the weighted sum divided by the batch size, so weight 2 counts an example
+    about as much as two copies of it.
+    """
     rng = random.Random(seed + 1)
     torch.manual_seed(seed + 1)
     temperature = config.temperature
     soft_targets = torch.softmax(torch.from_numpy(teacher_logits) / temperature, dim=-1)
     targets = torch.from_numpy(labels)
+    if weights is None:
+        weights = np.ones(len(texts), dtype=np.float32)
+    example_weights = torch.from_numpy(np.asarray(weights, dtype=np.float32))  # (len(texts),)
     steps_per_epoch = math.ceil(len(texts) / config.batch_size)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay)
+    # With equal rates the two parameter groups update exactly as one group would.
+    optimizer = _optimizer(student, config.learning_rate,
+                           config.head_learning_rate or config.learning_rate, config.weight_decay)
     scheduler = _linear_schedule(optimizer, steps_per_epoch * config.epochs)
     loss_value = float("nan")
     with StageProgress("student distillation", steps_per_epoch * config.epochs) as bar:
@@ -155,10 +165,11 @@ def distil_student(
                 logits = student(input_ids, attention_mask)  # (batch, num_labels)
                 soft = F.kl_div(
                     F.log_softmax(logits / temperature, dim=-1), soft_targets[batch],
-                    reduction="batchmean",
-                ) * temperature**2
-                hard = F.cross_entropy(logits, targets[batch])
-                loss = config.alpha * soft + (1.0 - config.alpha) * hard
+                    reduction="none",
+                ).sum(dim=-1) * temperature**2  # (batch,)
+                hard = F.cross_entropy(logits, targets[batch], reduction="none")  # (batch,)
+                per_example = config.alpha * soft + (1.0 - config.alpha) * hard
+                loss = (example_weights[batch] * per_example).sum() / len(batch)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

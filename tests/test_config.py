@@ -442,3 +442,151 @@ def test_student_layers_bool_rejected():
 def test_data_labels_integers_rejected():
     with pytest.raises(ConfigError, match="'data.labels'"):
         parse_config(config_with("data", "labels", [1, 2]))
+
+
+# Escalation logs as extra training data, and the teacher package mode
+
+
+def test_loop_config_values():
+    config = load_config(CONFIG_DIR / "clinc150-loop.toml")
+
+    assert config.data.path == "../shared/data/clinc150"
+    assert config.data.max_train_per_label == 20
+    assert config.data.val_skip_per_label == 10
+    assert config.data.extra_train == ()
+    assert config.teacher.mode == "package"
+    assert config.teacher.package == "models/clinc150-teacher.edgepkg"
+    assert config.teacher.package_signer_key == ""
+    assert config.student.layers == (0, 5)
+    assert config.student.head_learning_rate == 1e-3
+    assert config.checks.min_int8_agreement == 0.95
+    assert config.output.version == 1
+    assert config.output.models_dir == ""
+
+
+def test_new_keys_default_off():
+    config = parse_config({"data": {"path": "data/clinc150"}})
+
+    assert config.data.extra_train == ()
+    assert config.data.extra_train_weight == 1.0
+    assert config.data.val_skip_per_label == 0
+    assert config.teacher.package == ""
+    assert config.teacher.package_signer_key == ""
+
+
+def test_extra_train_paths_from_file(tmp_path: Path):
+    text = MINIMAL_TOML + 'extra_train = ["logs/device-1", "logs/device-2/escalations.sqlite3"]\n'
+    text += "extra_train_weight = 2\n"
+
+    config = load_config(write_toml(tmp_path, text))
+
+    assert config.data.extra_train == ("logs/device-1", "logs/device-2/escalations.sqlite3")
+    assert config.data.extra_train_weight == 2.0
+
+
+def test_extra_train_override_on_real_config():
+    config = load_config(
+        CONFIG_DIR / "clinc150-loop.toml",
+        {"data.extra_train": ["build/retraining-loop/escalations"], "output.version": 2},
+    )
+
+    assert config.data.extra_train == ("build/retraining-loop/escalations",)
+    assert config.output.version == 2
+    assert config.digest() != load_config(CONFIG_DIR / "clinc150-loop.toml").digest()
+
+
+@pytest.mark.parametrize("value", ["logs/device-1", [1, 2], [True], {"path": "logs"}])
+def test_extra_train_wrong_type(value):
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(config_with("data", "extra_train", value))
+    assert "'data.extra_train'" in str(excinfo.value)
+    assert "a list of strings" in str(excinfo.value)
+
+
+def test_extra_train_empty_path_rejected():
+    with pytest.raises(ConfigError, match=r"'data.extra_train'.*none empty"):
+        parse_config(config_with("data", "extra_train", ["logs/a", " "]))
+
+
+def test_extra_train_repeated_path_rejected():
+    with pytest.raises(ConfigError, match=r"'data.extra_train'.*'logs/a'.*more than once"):
+        parse_config(config_with("data", "extra_train", ["logs/a", "logs/b", "logs/a"]))
+
+
+@pytest.mark.parametrize("weight", [0, -1.0, math.inf, math.nan])
+def test_extra_train_weight_invalid(weight: float):
+    with pytest.raises(ConfigError, match="'data.extra_train_weight'"):
+        parse_config(config_with("data", "extra_train_weight", weight))
+
+
+def test_val_skip_negative_rejected():
+    with pytest.raises(ConfigError, match="'data.val_skip_per_label'"):
+        parse_config(config_with("data", "val_skip_per_label", -1))
+
+
+def test_package_mode_accepted():
+    raw = {
+        "data": {"path": "data/clinc150"},
+        "teacher": {"mode": "package", "package": "models/clinc150-teacher.edgepkg"},
+    }
+
+    config = parse_config(raw)
+
+    assert config.teacher.mode == "package"
+    assert config.teacher.package == "models/clinc150-teacher.edgepkg"
+
+
+def test_package_mode_needs_package():
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(config_with("teacher", "mode", "package"))
+    assert "'teacher.package'" in str(excinfo.value)
+    assert "teacher.mode is 'package'" in str(excinfo.value)
+
+
+def test_package_mode_needs_signer_key():
+    raw = {
+        "data": {"path": "data/clinc150"},
+        "teacher": {"mode": "package", "package": "models/clinc150-teacher.edgepkg"},
+        "package": {"signer_key": ""},
+    }
+
+    with pytest.raises(ConfigError, match="'teacher.package_signer_key'"):
+        parse_config(raw)
+
+
+def test_package_mode_own_signer_key():
+    raw = {
+        "data": {"path": "data/clinc150"},
+        "teacher": {
+            "mode": "package",
+            "package": "teacher.edgepkg",
+            "package_signer_key": "keys/teacher-signer.pub.pem",
+        },
+        "package": {"signer_key": ""},
+    }
+
+    assert parse_config(raw).teacher.package_signer_key == "keys/teacher-signer.pub.pem"
+
+
+@pytest.mark.parametrize("mode", ["finetune", "head"])
+@pytest.mark.parametrize("key", ["package", "package_signer_key"])
+def test_teacher_package_keys_need_package_mode(mode: str, key: str):
+    raw = {"data": {"path": "data/clinc150"}, "teacher": {"mode": mode, key: "teacher.edgepkg"}}
+
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(raw)
+    assert f"'teacher.{key}'" in str(excinfo.value)
+    assert "teacher.mode = 'package'" in str(excinfo.value)
+
+
+def test_student_head_learning_rate():
+    default = parse_config({"data": {"path": "data/clinc150"}})
+    chosen = parse_config(config_with("student", "head_learning_rate", 1e-3))
+
+    assert default.student.head_learning_rate == 0.0
+    assert chosen.student.head_learning_rate == 1e-3
+
+
+def test_student_head_learning_rate_negative():
+    with pytest.raises(ConfigError, match="'student.head_learning_rate'"):
+        parse_config(config_with("student", "head_learning_rate", -1e-3))
