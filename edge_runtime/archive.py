@@ -218,6 +218,8 @@ class Archive:
     def _find_end_record(self, size: int, searched_from: int) -> int:
         """Return the offset of the end record whose comment ends the file."""
         data = self.readonly
+        # The record and its comment fill at most the last 22 + 65,535 bytes.
+        searched_from = max(searched_from, size - _END_RECORD.size - _MAX_COMMENT_BYTES)
         position = size - _END_RECORD.size
         while position >= searched_from:
             position = bytes(data[searched_from:position + 4]).rfind(_END_MAGIC)
