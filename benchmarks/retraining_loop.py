@@ -7,6 +7,11 @@ next student, which should then escalate fewer queries at equal or better cascad
 
 Run it from the repository root; the config's relative paths start there. Stages:
 
+0. Write the loop's data layout to ``<work-dir>/data/data_full.json`` (CLINC150 format): the
+   train split, the test split, and as validation split the last ``--calibration-per-label``
+   train queries of each intent, which no student trains on (the config reads at most
+   ``data.max_train_per_label`` from the front of the train split). Both gates are calibrated
+   there. The real validation split is only traffic, so all of its escalations can train v2.
 1. Build student v1 from the config (``teacher.mode = "package"``: distilled against the
    packaged teacher, from a reduced train split), package version 1.
 2. Start a gateway on loopback that serves the config's teacher package, and send the whole
@@ -17,9 +22,14 @@ Run it from the repository root; the config's relative paths start there. Stages
 4. Evaluate v1 and v2 on the CLINC150 test split through the runtime and the same gateway
    (``edge_runtime.evaluate``): cascade accuracy, escalation rate (share of queries sent to
    the teacher), and the student alone.
-5. Threshold sweep: for several calibration targets, fit each student's threshold on the
-   validation queries its gate was calibrated on, and measure the cascade on test, from
+5. Threshold sweep: for several calibration targets, fit each student's threshold on its
+   calibration queries, and measure the cascade on test, from
    single-query student logits and the gateway's teacher labels.
+
+Why calibrate on held-out train queries: an earlier layout calibrated on half of the
+validation split and logged the other half. v2 then trained on queries of the same split as
+its calibration queries, and its gate, fitted there, answered too much locally on test
+(docs/retraining.md has the figures).
 
 Writes ``<results>.json`` and ``<results>.md``. ``--set`` overrides a config key for both
 builds and ``--v2-set`` for v2 only; a value is read as TOML, else as a string. ``--reuse``
@@ -70,6 +80,7 @@ DEFAULT_WORK_DIR = "build/retraining-loop"
 DEFAULT_DEVICE_KEY = "models/keys/demo-device.key.pem"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 STAGES = 5
+CALIBRATION_PER_LABEL = 10
 # Calibration targets of the sweep: "local" bounds the share of local answers that disagree
 # with the teacher (the build's target), "all" bounds their count as a share of all queries.
 SWEEP_TARGETS = (
@@ -119,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--v2-name", default="v2", help="folder name of the v2 build")
     parser.add_argument(
+        "--calibration-per-label",
+        type=int,
+        default=CALIBRATION_PER_LABEL,
+        help="train queries per intent, from the end of the split, that calibrate both gates",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="keep the builds, traffic and log of an earlier run whose configs are unchanged",
@@ -161,6 +178,15 @@ def run_loop(args: argparse.Namespace) -> dict:
     log_dir = work / "escalations"
     overrides = dict(parse_override(item) for item in args.overrides)
     v2_overrides = dict(parse_override(item) for item in args.v2_overrides)
+    source_config = load_config(args.config, overrides)
+    data_dir = work / "data"
+    layout = write_loop_data(
+        source_config.data.path,
+        data_dir,
+        source_config.data.max_train_per_label,
+        args.calibration_per_label,
+    )
+    overrides = {**overrides, "data.path": str(data_dir), "data.val_skip_per_label": 0}
     v1_config = load_config(
         args.config, {**overrides, "output.dir": str(work / "v1"), "output.models_dir": ""}
     )
@@ -190,8 +216,9 @@ def run_loop(args: argparse.Namespace) -> dict:
     if v1_report is not None and traffic_path.is_file() and read_all(log_dir):
         progress(1, f"reusing student v1, its traffic and its escalation log from {work}")
     else:
-        if work.exists():
-            shutil.rmtree(work)
+        for child in work.iterdir():
+            if child != data_dir:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
         progress(1, f"building student v1 from {args.config}")
         v1_report = run_build(v1_config)
     seconds["build_v1"] = round(time.perf_counter() - stage, 1)
@@ -204,7 +231,7 @@ def run_loop(args: argparse.Namespace) -> dict:
         if traffic_path.is_file():
             traffic = json.loads(traffic_path.read_text())
         else:
-            val = load_split(v1_config.data.path, v1_config.data.val_split)
+            val = load_split(source_config.data.path, source_config.data.val_split)
             progress(
                 2,
                 f"serving {len(val)} validation queries through v1 with the escalation log on, "
@@ -239,7 +266,7 @@ def run_loop(args: argparse.Namespace) -> dict:
         _, calibration_queries, _ = load_data(v1_config)
         progress(
             5,
-            f"threshold sweep: {len(calibration_queries)} validation queries, "
+            f"threshold sweep: {len(calibration_queries)} calibration queries, "
             f"{len(test)} test queries, {len(SWEEP_TARGETS)} targets",
         )
         sweep = threshold_sweep(
@@ -249,8 +276,63 @@ def run_loop(args: argparse.Namespace) -> dict:
 
     seconds["total"] = round(time.perf_counter() - started, 1)
     return assemble_results(
-        args, v1_config, v1_report, v2_report, traffic, evaluations, sweep, seconds
+        args, v1_config, v1_report, v2_report, traffic, evaluations, sweep, seconds, layout
     )
+
+
+def write_loop_data(
+    source: str, folder: Path, train_per_label: int, calibration_per_label: int
+) -> dict:
+    """Write the loop's CLINC150 file (see stage 0 of the module docstring) and return counts.
+
+    The calibration queries are the last ``calibration_per_label`` train queries of each
+    intent; ``train_per_label`` queries from the front must not reach them.
+    """
+    if calibration_per_label <= 0:
+        raise ConfigError(
+            f"--calibration-per-label is {calibration_per_label}; it must be at least 1"
+        )
+    if train_per_label <= 0:
+        raise ConfigError(
+            "the loop needs data.max_train_per_label > 0, so that train queries are left over "
+            "to calibrate on"
+        )
+    source_path = Path(source)
+    if source_path.is_dir():
+        source_path = source_path / "data_full.json"
+    raw = json.loads(source_path.read_text())
+    layout = {
+        "train": [],
+        "val": [],
+        "test": raw["test"],
+        "oos_train": [],
+        "oos_val": [],
+        "oos_test": raw["oos_test"],
+    }
+    for prefix in ("", "oos_"):
+        by_label: dict[str, list] = {}
+        for pair in raw[f"{prefix}train"]:
+            by_label.setdefault(pair[1], []).append(pair)
+        for label, pairs in by_label.items():
+            if len(pairs) < train_per_label + calibration_per_label:
+                raise ConfigError(
+                    f"intent {label!r} has {len(pairs)} train queries; the loop needs "
+                    f"{train_per_label} to train plus {calibration_per_label} to calibrate. "
+                    "Lower data.max_train_per_label or --calibration-per-label"
+                )
+            layout[f"{prefix}train"] += pairs[:-calibration_per_label]
+            layout[f"{prefix}val"] += pairs[-calibration_per_label:]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "data_full.json"
+    text = json.dumps(layout) + "\n"
+    if not target.is_file() or target.read_text() != text:
+        target.write_text(text)
+    return {
+        "source": source,
+        "train_per_label": train_per_label,
+        "calibration_per_label": calibration_per_label,
+        "calibration_queries": len(layout["val"]) + len(layout["oos_val"]),
+    }
 
 
 def progress(stage: int, message: str) -> None:
@@ -492,6 +574,7 @@ def assemble_results(
     evaluations: dict,
     sweep: list[dict],
     seconds: dict,
+    layout: dict,
 ) -> dict:
     v1, v2 = evaluations["v1"], evaluations["v2"]
     goal = {
@@ -508,6 +591,8 @@ def assemble_results(
         command += f" --config {args.config}"
     command += "".join(f" --set {item}" for item in args.overrides)
     command += "".join(f" --v2-set {item}" for item in args.v2_overrides)
+    if args.calibration_per_label != CALIBRATION_PER_LABEL:
+        command += f" --calibration-per-label {args.calibration_per_label}"
     if args.v2_name != "v2":
         command += f" --v2-name {args.v2_name}"
     if args.reuse:
@@ -527,6 +612,7 @@ def assemble_results(
             "v2_sha256": v2_report["config_sha256"],
         },
         "teacher_package": config.teacher.package,
+        "data_layout": layout,
         "seconds": seconds,
         "v1": build_summary(v1_report),
         "traffic": traffic,
@@ -599,7 +685,8 @@ def render_markdown(results: dict) -> str:
         f"{results['v1']['student']['initialised_from']}; gate threshold "
         f"{results['v1']['calibration']['threshold']:.4f} (T = "
         f"{results['v1']['calibration']['temperature']:.3f}) on "
-        f"{results['v1']['calibration']['n']} validation queries.",
+        f"{results['v1']['calibration']['n']} calibration queries (held-out train queries, "
+        f"the last {results['data_layout']['calibration_per_label']} of each intent).",
         f"- Traffic: {traffic['n']} validation queries through v1, escalation rate "
         f"{_pct(traffic['escalation_rate'])}, sources {traffic['sources']}; "
         f"{traffic['log_records']} records in the escalation log.",
@@ -617,7 +704,7 @@ def _sweep_lines(sweep: list[dict]) -> list[str]:
     lines = [
         "## Threshold sweep",
         "",
-        "Each threshold is fitted on the validation queries the gate is calibrated on, then "
+        "Each threshold is fitted on the calibration queries of the gate, then "
         "applied to test. Target `local`: at most that share of the local answers disagree with "
         "the teacher (the build's target). Target `all`: the local answers that disagree with "
         "the teacher are at most that share of all queries.",

@@ -452,7 +452,7 @@ def test_loop_config_values():
 
     assert config.data.path == "../shared/data/clinc150"
     assert config.data.max_train_per_label == 20
-    assert config.data.val_skip_per_label == 10
+    assert config.data.val_skip_per_label == 0
     assert config.data.extra_train == ()
     assert config.teacher.mode == "package"
     assert config.teacher.package == "models/clinc150-teacher.edgepkg"
