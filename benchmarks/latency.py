@@ -39,6 +39,18 @@ def make_session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[dict[str, np.ndarray]]:
+    """One unpadded (1, seq) feed per text."""
+    feeds = []
+    for text in texts:
+        encoding = tokenizer.encode(text)
+        feeds.append({
+            "input_ids": np.asarray([encoding.ids], dtype=np.int64),  # (1, seq)
+            "attention_mask": np.asarray([encoding.attention_mask], dtype=np.int64),
+        })
+    return feeds
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     texts = [e.text for e in load_split(args.data, "test")]
     rng = np.random.default_rng(0)
     picked = [texts[i] for i in rng.choice(len(texts), size=args.queries + args.warmup)]
-    feeds = []
-    for text in picked:
-        encoding = tokenizer.encode(text)
-        feeds.append({
-            "input_ids": np.asarray([encoding.ids], dtype=np.int64),  # (1, seq)
-            "attention_mask": np.asarray([encoding.attention_mask], dtype=np.int64),
-        })
+    feeds = encode_all(tokenizer, picked)
+    model_feeds = {m: feeds for m in MODELS}
+    # A build with student.trim_vocabulary writes the int8 student's own tokenizer.
+    trimmed = build_dir / "student-tokenizer.json"
+    if trimmed.is_file():
+        student_tokenizer = Tokenizer.from_file(str(trimmed))
+        student_tokenizer.no_padding()
+        model_feeds["student-int8"] = encode_all(student_tokenizer, picked)
     start = time.perf_counter()
     for text in picked[: args.queries]:
         tokenizer.encode(text)
@@ -94,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sessions = {m: make_session(build_dir / f"{m}.onnx", args.threads) for m in MODELS}
     timings: dict[str, list[float]] = {m: [] for m in MODELS}
-    warmup_feeds, timed_feeds = feeds[: args.warmup], feeds[args.warmup:]
-    block = max(1, len(timed_feeds) // args.rounds)
-    for first in range(0, len(timed_feeds), block):
+    timed = len(feeds) - args.warmup
+    block = max(1, timed // args.rounds)
+    for first in range(0, timed, block):
         for model, session in sessions.items():
+            warmup_feeds = model_feeds[model][: args.warmup]
+            timed_feeds = model_feeds[model][args.warmup:]
             for feed in warmup_feeds[: max(1, args.warmup // args.rounds)]:
                 session.run(["logits"], feed)
             for feed in timed_feeds[first:first + block]:

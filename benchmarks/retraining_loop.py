@@ -51,11 +51,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +67,7 @@ from edge_runtime.metrics import accuracy_figures  # noqa: E402
 from edge_runtime.package import TrustPolicy  # noqa: E402
 from edge_runtime.runtime import SOURCE_LOCAL, EdgeRuntime  # noqa: E402
 from edge_runtime.teacher_client import TeacherClient  # noqa: E402
+from export.config import parse_override  # noqa: E402
 
 log = logging.getLogger("retraining_loop")
 
@@ -337,20 +333,6 @@ def write_loop_data(
 
 def progress(stage: int, message: str) -> None:
     print(f"[{stage}/{STAGES}] {message}", file=sys.stderr, flush=True)
-
-
-def parse_override(item: str) -> tuple[str, object]:
-    """Split ``KEY=VALUE``; the value is read as a TOML value, else kept as a string."""
-    key, separator, text = item.partition("=")
-    if not separator or not key:
-        raise ConfigError(
-            f"--set {item!r}: expected KEY=VALUE, for example data.extra_train_weight=2"
-        )
-    try:
-        value = tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    return key.strip(), value
 
 
 def student_trust(signer_key_path: str, device_key_path: str) -> TrustPolicy:

@@ -1,5 +1,5 @@
-"""The ``edge-runtime`` command line: demo, ask, eval, bench, gateway, api-key, keys, package
-and watermark."""
+"""The ``edge-runtime`` command line: demo, ask, eval, bench, gateway, api-key, keys, package,
+watermark and bundle."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 
-from edge_runtime import bench, package_cli, watermark_cli
+from edge_runtime import bench, bundle, package_cli, watermark_cli
+from edge_runtime.data import DATA_FORMATS
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.package_cli import add_trust_options, trust_from_args
 from edge_runtime.runtime import ROUTE_PREFER_LOCAL, ROUTES, EdgeRuntime
@@ -119,8 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "(SQLite; personal data redacted; see docs/escalation-log.md)")
 
     evaluate = commands.add_parser("eval", help="evaluate a data split through the cascade")
-    evaluate.add_argument("--data", required=True, help="data set folder")
-    evaluate.add_argument("--split", default="test", help="split name (default: %(default)s)")
+    evaluate.add_argument("--data", required=True,
+                          help="data set folder, or one data file (.json, .csv or .jsonl)")
+    evaluate.add_argument("--split", default="test",
+                          help="split name: the key of a CLINC150 file, or <split>.csv or "
+                               "<split>.jsonl in a folder (default: %(default)s)")
+    evaluate.add_argument("--format", choices=DATA_FORMATS, default="auto",
+                          help="data format; auto picks it from the file names "
+                               "(default: %(default)s)")
+    evaluate.add_argument("--text-field", help="CSV column or JSON key of the text "
+                                               "(default: text)")
+    evaluate.add_argument("--label-field",
+                          help="CSV column or JSON key of the label (default: label, or "
+                               "category for a CSV file that has that column)")
     evaluate.add_argument("--limit", type=positive_int, default=None,
                           help="evaluate only the first N queries in file order (default: all)")
     evaluate.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -167,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     package_cli.add_commands(commands)
     watermark_cli.add_commands(commands)
+    bundle.add_command(commands)
     return parser
 
 
@@ -290,11 +303,12 @@ def run_ask(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from edge_runtime.data import load_split
+    from edge_runtime.data import load_examples
     from edge_runtime.evaluate import evaluate, format_report
     from edge_runtime.teacher_client import TeacherClient
 
-    examples = load_split(args.data, args.split)
+    examples = load_examples(args.data, args.split, args.format, args.text_field,
+                             args.label_field)
     if args.limit is not None:
         examples = examples[: args.limit]
     with _teacher_url(args) as url:
@@ -308,7 +322,8 @@ def run_eval(args: argparse.Namespace) -> int:
                                  escalation_log=escalations) as runtime:
             result = evaluate(runtime, teacher, examples, progress=True)
         teacher.close()
-    result["data"] = {"path": args.data, "split": args.split, "limit": args.limit}
+    result["data"] = {"path": args.data, "split": args.split, "format": args.format,
+                      "limit": args.limit}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -386,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"demo": run_demo, "ask": run_ask, "eval": run_eval, "bench": run_bench,
                 "gateway": run_gateway,
                 "api-key": run_api_key, "keys": package_cli.run_keys,
-                "package": package_cli.run_package, "watermark": watermark_cli.run}
+                "package": package_cli.run_package, "watermark": watermark_cli.run,
+                "bundle": bundle.run}
     try:
         return handlers[args.command](args)
     except (EdgeRuntimeError, OSError) as exc:

@@ -483,20 +483,7 @@ def load_split(data_dir: StrPath, split: str) -> list[Example]:
 
     csv_path = folder / f"{split}.csv"
     if csv_path.is_file():
-        text = _read_utf8(csv_path)
-        header = _parse_csv_header(csv_path, _csv_reader(text))
-        if "category" in header:
-            label_field = "category"
-        elif "label" in header:
-            label_field = "label"
-        else:
-            raise DataFormatError(
-                csv_path,
-                1,
-                "label",
-                f"missing label column 'category' or 'label' in the header {header}",
-            )
-        return _read_csv_examples(csv_path, text, "text", label_field)
+        return _load_csv_detecting_label(csv_path, "text")
 
     jsonl_path = folder / f"{split}.jsonl"
     if jsonl_path.is_file():
@@ -505,4 +492,96 @@ def load_split(data_dir: StrPath, split: str) -> list[Example]:
     looked_for = ", ".join(path.name for path in (clinc_path, csv_path, jsonl_path))
     raise FileNotFoundError(
         f"no data for split {split!r} in {str(folder)!r}: looked for {looked_for}"
+    )
+
+
+def _load_csv_detecting_label(csv_path: Path, text_field: str) -> list[Example]:
+    """Load a CSV file whose label column is "category" (Banking77) if the header has one,
+    else "label"."""
+    text = _read_utf8(csv_path)
+    header = _parse_csv_header(csv_path, _csv_reader(text))
+    if "category" in header:
+        label_field = "category"
+    elif "label" in header:
+        label_field = "label"
+    else:
+        raise DataFormatError(
+            csv_path,
+            1,
+            "label",
+            f"missing label column 'category' or 'label' in the header {header}",
+        )
+    return _read_csv_examples(csv_path, text, text_field, label_field)
+
+
+DATA_FORMATS = ("auto", "clinc150", "csv", "jsonl")
+"""Formats that ``load_examples`` reads; "auto" picks one from the file names."""
+
+_FORMAT_SUFFIXES = {".json": "clinc150", ".csv": "csv", ".jsonl": "jsonl"}
+
+
+def load_examples(
+    path: StrPath,
+    split: str = "test",
+    data_format: str = "auto",
+    text_field: str | None = None,
+    label_field: str | None = None,
+) -> list[Example]:
+    """Load one split from a data folder or a single data file.
+
+    A folder holds ``data_full.json`` (CLINC150) or one ``<split>.csv`` or ``<split>.jsonl``
+    file per split. With ``data_format`` "auto" and no field named, a folder is read exactly
+    as ``load_split`` reads it. A file is read whole, except a CLINC150 file, of which the
+    ``split`` key is read. "auto" picks the format from the suffix: .json is CLINC150, .csv
+    and .jsonl as named.
+
+    ``text_field`` defaults to "text". ``label_field`` defaults to "label", or for CSV to
+    "category" when the header has that column. Raises ConfigError for an unknown format,
+    FileNotFoundError for a missing file and DataFormatError for a malformed one.
+    """
+    if data_format not in DATA_FORMATS:
+        raise ConfigError(
+            f"unknown data format {data_format!r}, expected one of {', '.join(DATA_FORMATS)}"
+        )
+    source = Path(path)
+    if source.is_dir():
+        if data_format == "auto" and text_field is None and label_field is None:
+            return load_split(source, split)
+        if data_format == "auto":
+            data_format = _folder_format(source, split)
+        names = {"clinc150": CLINC150_FILE, "csv": f"{split}.csv", "jsonl": f"{split}.jsonl"}
+        source = source / names[data_format]
+    if not source.is_file():
+        raise FileNotFoundError(f"data file {str(source)!r} not found")
+    if data_format == "auto":
+        data_format = _FORMAT_SUFFIXES.get(source.suffix.lower(), "")
+        if not data_format:
+            raise ConfigError(
+                f"cannot tell the format of {str(source)!r} from its suffix; name the format "
+                f"(one of clinc150, csv, jsonl)"
+            )
+
+    if data_format == "clinc150":
+        return load_clinc150(source, split)
+    text_field = text_field or "text"
+    if data_format == "jsonl":
+        return load_jsonl(source, text_field, label_field or "label")
+    if label_field is None:
+        return _load_csv_detecting_label(source, text_field)
+    return load_csv(source, text_field, label_field)
+
+
+def _folder_format(folder: Path, split: str) -> str:
+    """Return the format of the first of data_full.json, <split>.csv and <split>.jsonl that
+    exists in ``folder``."""
+    for name, data_format in (
+        (CLINC150_FILE, "clinc150"),
+        (f"{split}.csv", "csv"),
+        (f"{split}.jsonl", "jsonl"),
+    ):
+        if (folder / name).is_file():
+            return data_format
+    raise FileNotFoundError(
+        f"no data for split {split!r} in {str(folder)!r}: looked for {CLINC150_FILE}, "
+        f"{split}.csv, {split}.jsonl"
     )

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from edge_runtime.data import Example
+from edge_runtime.data import OOS_LABEL, Example
 from edge_runtime.errors import ConfigError
 from edge_runtime.metrics import accuracy_figures, percentile_ms
 from edge_runtime.runtime import SOURCE_LOCAL, EdgeRuntime
@@ -61,11 +61,19 @@ def _run(description: str, examples: Sequence[Example], answer: Callable[[str], 
     return labels, latencies
 
 
-def _baseline(predicted: list[str], expected: list[str], latencies: list[float]) -> dict:
-    figures = accuracy_figures(predicted, expected)
+def _baseline(predicted: list[str], expected: list[str], latencies: list[float],
+              oos_label: str) -> dict:
+    figures = accuracy_figures(predicted, expected, oos_label)
     figures["p50_ms"] = percentile_ms(latencies, 50)
     figures["p95_ms"] = percentile_ms(latencies, 95)
     return figures
+
+
+def out_of_scope_label(manifest: dict) -> str:
+    """Return the out-of-scope label that a package's build recorded in its provenance, ""
+    when its data had none, or "oos" for packages built before the build recorded it."""
+    data = (manifest.get("provenance") or {}).get("data") or {}
+    return data.get("out_of_scope_label", OOS_LABEL)
 
 
 def evaluate(runtime: EdgeRuntime, teacher: TeacherClient, examples: Sequence[Example],
@@ -81,6 +89,7 @@ def evaluate(runtime: EdgeRuntime, teacher: TeacherClient, examples: Sequence[Ex
             f"not know, for example {unknown[:5]}; evaluate it on the data set it was built for"
         )
     student = runtime.student
+    oos_label = out_of_scope_label(runtime.manifest.raw)
 
     def student_label(text: str) -> str:
         prediction = student.predict(text)
@@ -106,7 +115,7 @@ def evaluate(runtime: EdgeRuntime, teacher: TeacherClient, examples: Sequence[Ex
 
     result = {
         "n": len(examples),
-        **accuracy_figures([a.label for a in answers], expected),
+        **accuracy_figures([a.label for a in answers], expected, oos_label),
         "local_fraction": sources[SOURCE_LOCAL] / len(examples),
         "sources": dict(sorted(sources.items())),
         "latency_ms": {
@@ -117,9 +126,10 @@ def evaluate(runtime: EdgeRuntime, teacher: TeacherClient, examples: Sequence[Ex
         },
         "gate": {"temperature": runtime.gate.temperature, "threshold": runtime.gate.threshold},
         "baselines": {
-            "teacher": _baseline(teacher_labels, expected, teacher_ms),
-            "student": _baseline(student_labels, expected, student_ms),
+            "teacher": _baseline(teacher_labels, expected, teacher_ms, oos_label),
+            "student": _baseline(student_labels, expected, student_ms, oos_label),
         },
+        "out_of_scope_label": oos_label or None,
         "package": {"name": runtime.manifest.name, "version": runtime.manifest.version},
     }
     return result

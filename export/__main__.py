@@ -17,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     build_parser.add_argument("--config", required=True, help="TOML build config")
     build_parser.add_argument("--output-dir", help="override output.dir")
     build_parser.add_argument("--models-dir", help="override output.models_dir")
+    build_parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, for example --set teacher.mode=onnx; the value is read "
+        "as TOML, else as a string; repeat for several",
+    )
     from export.vocab import add_arguments as add_trim_vocab_arguments
 
     trim_parser = commands.add_parser(
@@ -34,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "trim-vocab":
         return _trim_vocab(args)
     from export.build import build
-    from export.config import load_config
+    from export.config import load_config, parse_override
 
-    overrides = {}
+    try:
+        overrides = dict(parse_override(item) for item in args.overrides)
+    except EdgeRuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.output_dir:
         overrides["output.dir"] = args.output_dir
     if args.models_dir is not None:

@@ -5,12 +5,16 @@ The student trains on the train split plus, with ``data.extra_train``, the teach
 queries of escalation logs (``export.extra_train``). With ``teacher.mode = "package"`` no
 teacher is trained: the int8 teacher of ``teacher.package`` gives the soft targets and the
 teacher labels of calibration (``export.teacher_package``), and the student starts from the
-pretrained encoder's layers with a new head.
+pretrained encoder's layers with a new head. With ``teacher.mode = "onnx"`` the fine-tuned
+teacher of an earlier build is loaded from its ``teacher-fp32.onnx`` (``export.onnx_import``)
+instead of trained again, and the build goes on as after fine-tuning.
 
 Outputs in ``output.dir``:
 
 - ``teacher-fp32.onnx``, ``teacher-int8.onnx``, ``student-fp32.onnx``, ``student-int8.onnx`` and
   ``tokenizer.json`` (inputs of the latency benchmark); package mode writes no teacher files;
+- ``student-tokenizer.json``, with ``student.trim_vocabulary``: the trimmed tokenizer of
+  ``student-int8.onnx``;
 - ``<name>-student.edgepkg``: the int8 student with its calibrated gate, for devices;
 - ``<name>-teacher.edgepkg``: the int8 teacher, served by the gateway (not in package mode);
 - ``build_report.json`` and ``build_report.md``.
@@ -36,18 +40,21 @@ import torch
 from tokenizers import Tokenizer
 
 from edge_runtime import encryption, signing
-from edge_runtime.data import Example, load_split
+from edge_runtime.data import Example
 from edge_runtime.errors import ConfigError, ModelError
 from edge_runtime.metrics import accuracy_figures
 from edge_runtime.package import write_package
 from export.calibrate import calibrate
 from export.config import BuildConfig, PackageConfig
+from export.data_checks import check_build_data
+from export.dataset import load_splits, out_of_scope_label
 from export.extra_train import load_extra_train
 from export.modeling import (
     PRETRAINED_NAME,
     SentenceClassifier,
     count_parameters,
     cut_student,
+    factorize_word_embeddings,
     load_pretrained_classifier,
     load_tokenizer,
 )
@@ -60,22 +67,27 @@ from export.onnx_export import (
     quantize_int8,
     session_from_file,
 )
+from export.onnx_import import load_onnx_weights
 from export.report import write_reports
 from export.teacher_package import PackageTeacher, load_package_teacher
 from export.train import distil_student, predict_logits, train_teacher
+from export.vocab import check_tokenizer_remap, select_vocabulary, trim_model, trim_tokenizer
 
 log = logging.getLogger(__name__)
 
 EXPORT_CHECK_TEXTS = 512
+# The int8 student's tokenizer when student.trim_vocabulary is on; tokenizer.json stays the
+# full one, which the teacher and student-fp32.onnx use.
+STUDENT_TOKENIZER = "student-tokenizer.json"
 GOLDEN_COUNT = 8
 
 
 def load_data(config: BuildConfig) -> tuple[list[Example], list[Example], list[Example]]:
-    """Read the three splits and apply the filters of ``[data]``: labels, the validation
-    examples skipped per label, then the per-label limits."""
+    """Read the three splits (carving validation from train if ``[data]`` says so) and apply
+    the filters of ``[data]``: labels, the validation examples skipped per label, then the
+    per-label limits. ``export.data_checks`` checks the result."""
     data = config.data
-    splits = [load_split(data.path, name) for name in
-              (data.train_split, data.val_split, data.test_split)]
+    splits = list(load_splits(data))
     if data.labels:
         keep = set(data.labels)
         missing = keep - {e.label for e in splits[0]}
@@ -88,14 +100,7 @@ def load_data(config: BuildConfig) -> tuple[list[Example], list[Example], list[E
     splits = [_first_per_label(split, limit) for split, limit in zip(splits, limits, strict=True)]
     train, val, test = splits
 
-    train_labels = {e.label for e in train}
     for name, split in (("validation", val), ("test", test)):
-        unknown = sorted({e.label for e in split} - train_labels)
-        if unknown:
-            raise ConfigError(
-                f"the {name} split has labels that train lacks: {unknown[:5]}; every label needs "
-                "training examples"
-            )
         if not split:
             raise ConfigError(f"the {name} split is empty after filtering; check [data]")
     return train, val, test
@@ -191,6 +196,7 @@ def build(config: BuildConfig) -> dict:
 
     # Data, including the escalation logs, so that a bad path fails before any training.
     train, val, test = load_data(config)
+    report["data_checks"] = check_build_data(config, train, val, test)
     labels = sorted({e.label for e in train})
     index = {label: i for i, label in enumerate(labels)}
     extra = load_extra_train(config.data.extra_train, config.data.extra_train_weight, labels,
@@ -235,6 +241,11 @@ def build(config: BuildConfig) -> dict:
     # Student.
     stage = time.perf_counter()
     student = teacher.student
+    embedding_kept = None
+    if config.student.embedding_rank:
+        embedding_kept = factorize_word_embeddings(student, config.student.embedding_rank)
+        log.info("student: word embeddings at rank %d keep %.1f%% of the table's squared norm",
+                 config.student.embedding_rank, 100 * embedding_kept)
     student_training = distil_student(student, tokenizer, student_texts, student_labels,
                                       teacher.soft_targets, config.student, config.seed,
                                       weights=weights)
@@ -244,12 +255,21 @@ def build(config: BuildConfig) -> dict:
                                  config.checks.onnx_tolerance, "student")
     recipe = quantize_int8(out / "student-fp32.onnx", out / "student-int8.onnx",
                            config.quantization.weight_type, config.quantization.per_channel)
+    student_tokenizer, student_tokenizer_bytes, vocabulary = tokenizer, tokenizer_bytes, None
+    if config.student.trim_vocabulary:
+        student_tokenizer, vocabulary = _trim_student_vocabulary(
+            out, tokenizer_bytes.decode("utf-8"), [*student_texts, *val_texts]
+        )
+        student_tokenizer_bytes = (out / STUDENT_TOKENIZER).read_bytes()
     student_int8_session = session_from_file(out / "student-int8.onnx")
-    student_int8_test = onnx_logits(student_int8_session, tokenizer, test_texts)
-    student_int8_val = onnx_logits(student_int8_session, tokenizer, val_texts)
+    student_int8_test = onnx_logits(student_int8_session, student_tokenizer, test_texts)
+    student_int8_val = onnx_logits(student_int8_session, student_tokenizer, val_texts)
     agreement = _agreement(student_int8_test, student_test_logits)
     report["stages"]["student"] = {
         "layers": list(config.student.layers), "initialised_from": teacher.student_origin,
+        "embedding_rank": config.student.embedding_rank,
+        "embedding_norm_kept": embedding_kept,
+        "vocabulary": vocabulary,
         "parameters": count_parameters(student),
         "examples": {"train": len(train), "extra_train": len(extra.examples),
                      "extra_train_weight": config.data.extra_train_weight},
@@ -287,7 +307,8 @@ def build(config: BuildConfig) -> dict:
     provenance = {
         "config_sha256": config.digest(),
         "data": {"path": config.data.path, "train": len(train), "validation": len(val),
-                 "test": len(test), "extra_train": len(extra.examples)},
+                 "test": len(test), "extra_train": len(extra.examples),
+                 "out_of_scope_label": out_of_scope_label(config.data)},
         "teacher": _teacher_provenance(config, teacher.report),
         "builder": {"python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": ort.__version__, "machine": platform.machine()},
@@ -301,7 +322,8 @@ def build(config: BuildConfig) -> dict:
     student_package = write_package(
         out / f"{config.output.name}-student.edgepkg",
         _manifest(config, "student", labels, "int8", recipe, provenance, gate, golden),
-        {"model.onnx": (out / "student-int8.onnx").read_bytes(), "tokenizer.json": tokenizer_bytes},
+        {"model.onnx": (out / "student-int8.onnx").read_bytes(),
+         "tokenizer.json": student_tokenizer_bytes},
         signer_key=signer_key, recipients=recipients, encrypt_members=encrypted,
     )
     report["packages"] = {
@@ -338,16 +360,41 @@ def build(config: BuildConfig) -> dict:
     return report
 
 
+def _trim_student_vocabulary(out: Path, tokenizer_json: str,
+                             corpus: list[str]) -> tuple[Tokenizer, dict]:
+    """Trim student-int8.onnx in ``out`` to the tokens of ``corpus`` plus the coverage
+    tokens, write the trimmed tokenizer beside it, and return it with the figures."""
+    selection = select_vocabulary(tokenizer_json, corpus)
+    trimmed_json = trim_tokenizer(tokenizer_json, selection.kept_ids)
+    check_tokenizer_remap(tokenizer_json, trimmed_json, selection.kept_ids)
+    model_bytes, remapped = trim_model((out / "student-int8.onnx").read_bytes(),
+                                       selection.kept_ids)
+    (out / "student-int8.onnx").write_bytes(model_bytes)
+    (out / STUDENT_TOKENIZER).write_text(trimmed_json, encoding="utf-8")
+    log.info("student: vocabulary trimmed to %d of %d tokens (%s)", selection.size,
+             selection.original_size, ", ".join(remapped))
+    figures = {"kept": selection.size, "original": selection.original_size,
+               "from_corpus": selection.from_corpus, "for_coverage": selection.for_coverage,
+               "corpus_texts": selection.corpus_texts}
+    return Tokenizer.from_str(trimmed_json), figures
+
+
 def _trained_teacher(config: BuildConfig, out: Path, tokenizer: Tokenizer, labels: list[str],
                      train_texts: list[str], train_labels: np.ndarray,
                      student_texts: list[str], val_texts: list[str], test_texts: list[str],
                      test_labels: np.ndarray) -> TeacherStage:
-    """Train the teacher ("finetune" or "head" mode), export, check and quantize it, and cut
-    the student from its layers."""
+    """Train the teacher ("finetune" or "head" mode) or load it ("onnx" mode), export, check
+    and quantize it, and cut the student from its layers."""
     check_texts = val_texts[:EXPORT_CHECK_TEXTS]
     teacher = load_pretrained_classifier(len(labels))
-    teacher_training = train_teacher(teacher, tokenizer, train_texts, train_labels,
-                                      config.teacher, config.seed)
+    if config.teacher.mode == "onnx":
+        tensors = load_onnx_weights(teacher, config.teacher.onnx)
+        teacher.eval()
+        teacher_training = {"loaded_from": config.teacher.onnx, "tensors": tensors}
+        log.info("teacher: loaded %d tensors from %s", tensors, config.teacher.onnx)
+    else:
+        teacher_training = train_teacher(teacher, tokenizer, train_texts, train_labels,
+                                          config.teacher, config.seed)
     teacher_test_logits = predict_logits(teacher, tokenizer, test_texts, description="teacher test")
     export_onnx(teacher, out / "teacher-fp32.onnx", train_texts, tokenizer)
     teacher_check = check_export(teacher, out / "teacher-fp32.onnx", tokenizer, check_texts,
@@ -404,6 +451,8 @@ def _packaged_teacher(config: BuildConfig, teacher: PackageTeacher, labels: list
 
 def _teacher_provenance(config: BuildConfig, teacher_report: dict) -> dict:
     provenance = {"model": teacher_report["model"], "mode": config.teacher.mode}
+    if config.teacher.mode == "onnx":
+        provenance["onnx"] = config.teacher.onnx
     if config.teacher.mode == "package":
         provenance["package"] = f"{teacher_report['name']}@{teacher_report['version']}"
         provenance["signer_key_id"] = teacher_report["signer_key_id"]

@@ -11,11 +11,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.data import DATA_FORMATS
 from edge_runtime.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -44,13 +46,38 @@ class DataConfig:
     extra_train: tuple[str, ...] = ()
     # Loss weight of each extra example; the examples of the train split have weight 1.
     extra_train_weight: float = 1.0
+    # Format of the split files (DATA_FORMATS): "auto" picks it from the file name suffix,
+    # "clinc150" reads data_full.json, "csv" needs a header row, "jsonl" one object a line.
+    format: str = "auto"
+    # Split files, relative to path. Empty: data_full.json, <split>.csv or <split>.jsonl in
+    # path, with the split names train_split, val_split and test_split.
+    train_file: str = ""
+    validation_file: str = ""
+    test_file: str = ""
+    # Column (CSV) or key (JSON Lines) of the query text and of its label.
+    text_field: str = "text"
+    label_field: str = "label"
+    # Where the validation split comes from (VALIDATION_SOURCES): "auto" reads a validation
+    # file if one is named or found and otherwise carves one from train, "file" requires a
+    # file, "carve" always carves validation_fraction of each label from train.
+    validation: str = "auto"
+    validation_fraction: float = 0.1
+    split_seed: int = 0  # seed of the carve; independent of the training seed
+    # Label of the out-of-scope queries, if the data has them; CLINC150 files always use "oos".
+    out_of_scope_label: str = ""
+    # A label with fewer train examples (after the carve) stops the build.
+    min_examples_per_label: int = 10
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
     # "finetune" trains encoder and head, and "head" trains a linear head on the frozen
     # encoder. "package" trains nothing and uses the int8 ONNX teacher of teacher.package.
+    # "onnx" trains nothing either: it loads the fine-tuned teacher of an earlier build from
+    # teacher.onnx (its teacher-fp32.onnx) and continues as "finetune" would after training.
     mode: str = "finetune"
+    # The fp32 teacher read in "onnx" mode, for example build/clinc150/teacher-fp32.onnx.
+    onnx: str = ""
     # The teacher package read in "package" mode, for example models/clinc150-teacher.edgepkg.
     package: str = ""
     # Public key (PEM) that must have signed teacher.package; empty trusts the public half of
@@ -78,6 +105,13 @@ class StudentConfig:
     temperature: float = 2.0  # distillation temperature of the soft targets
     # Loss = alpha * KL(teacher || student at temperature) * temperature^2 + (1 - alpha) * CE.
     alpha: float = 0.5
+    # 0 keeps the word embedding table at the encoder's width (384). A rank r in 1..383
+    # stores it as a (vocabulary, r) table and an (r, 384) projection, initialised from the
+    # truncated SVD of the teacher's table and distilled with the rest of the student.
+    embedding_rank: int = 0
+    # Keep only the tokens of the train, extra and validation texts (plus the pieces every
+    # text needs to tokenize) in the int8 student and its tokenizer (export.vocab).
+    trim_vocabulary: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,8 +151,10 @@ class PackageConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: str = "build/clinc150"
-    name: str = "clinc150"
+    # Empty: build/<name>.
+    dir: str = ""
+    # Package name prefix. Empty: the name of the data folder (of data.path), such as "banking77".
+    name: str = ""
     version: int = 1
     # Copy the student package and the int8 teacher package here (empty: do not copy).
     models_dir: str = ""
@@ -145,7 +181,8 @@ class BuildConfig:
         return hashlib.sha256(canonical).hexdigest()
 
 
-TEACHER_MODES = ("finetune", "head", "package")
+TEACHER_MODES = ("finetune", "head", "package", "onnx")
+VALIDATION_SOURCES = ("auto", "file", "carve")
 
 _SECTIONS = {
     "data": DataConfig,
@@ -206,8 +243,24 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> BuildConfig:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{source}: 'seed' must be an integer, got {seed!r}")
     config = BuildConfig(**sections, seed=seed)
+    config = _with_output_defaults(config)
     _validate(config, source)
     return config
+
+
+def _with_output_defaults(config: BuildConfig) -> BuildConfig:
+    """Fill an empty output.name from the data folder's name and an empty output.dir with
+    build/<name>, so that a new data set does not need an [output] section."""
+    name = config.output.name
+    if not name:
+        data_path = Path(config.data.path.rstrip("/\\") or ".")
+        folder = data_path.parent if data_path.suffix else data_path
+        if folder.name in ("", ".", ".."):
+            folder = folder.resolve()
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", folder.name).strip("-.") or "model"
+    output = dataclasses.replace(config.output, name=name,
+                                 dir=config.output.dir or f"build/{name}")
+    return dataclasses.replace(config, output=output)
 
 
 def _build_section(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
@@ -251,6 +304,7 @@ def _validate(config: BuildConfig, source: str) -> None:
     if not config.data.path:
         fail("data.path", config.data.path, "the folder of a data set")
     _validate_extra_train(config.data, fail)
+    _validate_data_files(config.data, fail)
     _validate_teacher(config.teacher, config.package, fail)
     if config.data.val_skip_per_label < 0:
         fail("data.val_skip_per_label", config.data.val_skip_per_label,
@@ -269,6 +323,9 @@ def _validate(config: BuildConfig, source: str) -> None:
     layers = config.student.layers
     if not layers or not all(isinstance(i, int) and 0 <= i < 6 for i in layers):
         fail("student.layers", list(layers), "a non-empty list of teacher layer indices 0-5")
+    if not 0 <= config.student.embedding_rank < 384:
+        fail("student.embedding_rank", config.student.embedding_rank,
+             "0 (the full width of 384) or a rank from 1 to 383, for example 192")
     if not 0.0 <= config.student.alpha <= 1.0:
         fail("student.alpha", config.student.alpha, "a number in [0, 1]")
     for key, value in [
@@ -312,9 +369,65 @@ def _validate_extra_train(data: DataConfig, fail: Any) -> None:
         fail("data.extra_train_weight", data.extra_train_weight, "a positive finite number")
 
 
+def _validate_data_files(data: DataConfig, fail: Any) -> None:
+    """Check the format, split and field keys of [data]; export.dataset checks that the files
+    exist when the build reads them."""
+    if data.format not in DATA_FORMATS:
+        fail("data.format", data.format, "one of " + ", ".join(map(repr, DATA_FORMATS)))
+    if data.validation not in VALIDATION_SOURCES:
+        fail("data.validation", data.validation,
+             "one of " + ", ".join(map(repr, VALIDATION_SOURCES)))
+    if not 0.0 < data.validation_fraction <= 0.5:
+        fail("data.validation_fraction", data.validation_fraction,
+             "a fraction above 0 and at most 0.5, for example 0.1")
+    if data.min_examples_per_label < 1:
+        fail("data.min_examples_per_label", data.min_examples_per_label, "an integer of at least 1")
+    for key in ("train_split", "val_split", "test_split"):
+        name = getattr(data, key)
+        if not name.strip() or "/" in name or "\\" in name or name in (".", ".."):
+            fail(f"data.{key}", name, "a split name such as 'train', without slashes")
+    files = {key: getattr(data, key) for key in ("train_file", "validation_file", "test_file")}
+    for key, value in files.items():
+        if value and not value.strip():
+            fail(f"data.{key}", value, "a file path relative to data.path, or no value")
+    if data.format == "clinc150":
+        for key, value in files.items():
+            if value:
+                fail(f"data.{key}", value,
+                     "no value, because a CLINC150 data_full.json holds every split: set "
+                     "data.path to the file or its folder and choose splits with data.train_split, "
+                     "data.val_split and data.test_split")
+        if data.out_of_scope_label not in ("", "oos"):
+            fail("data.out_of_scope_label", data.out_of_scope_label,
+                 "'oos' or no value, because CLINC150 labels its out-of-scope queries 'oos'")
+    if data.format == "auto":
+        for key, value in files.items():
+            if value and Path(value).suffix.lower() not in (".csv", ".jsonl"):
+                fail("data.format", data.format,
+                     f"'csv' or 'jsonl', because data.{key} {value!r} does not end in .csv or "
+                     ".jsonl, so its format cannot be told from its name")
+    for key in ("text_field", "label_field"):
+        if not getattr(data, key).strip():
+            fail(f"data.{key}", getattr(data, key), "the name of a CSV column or JSON key")
+    if data.text_field == data.label_field:
+        fail("data.label_field", data.label_field,
+             f"a field other than data.text_field ({data.text_field!r})")
+    if data.validation == "carve" and data.validation_file:
+        fail("data.validation_file", data.validation_file,
+             "no value, because data.validation is 'carve'; set data.validation = 'file' to "
+             "read this file instead")
+
+
 def _validate_teacher(teacher: TeacherConfig, package: PackageConfig, fail: Any) -> None:
     if teacher.mode not in TEACHER_MODES:
-        fail("teacher.mode", teacher.mode, "'finetune', 'head' or 'package'")
+        fail("teacher.mode", teacher.mode, "'finetune', 'head', 'package' or 'onnx'")
+    if teacher.mode == "onnx" and not teacher.onnx:
+        fail("teacher.onnx", teacher.onnx,
+             "the path of an earlier build's teacher-fp32.onnx, because teacher.mode is 'onnx'")
+    if teacher.mode != "onnx" and teacher.onnx:
+        fail("teacher.onnx", teacher.onnx,
+             f"no value, because teacher.mode is {teacher.mode!r}; set teacher.mode = 'onnx' "
+             "to start from that file")
     if teacher.mode == "package":
         if not teacher.package:
             fail("teacher.package", teacher.package,
@@ -329,3 +442,17 @@ def _validate_teacher(teacher: TeacherConfig, package: PackageConfig, fail: Any)
         if value:
             fail(key, value, f"no value, because teacher.mode is {teacher.mode!r}; set "
                              "teacher.mode = 'package' to use a teacher package")
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """Split ``KEY=VALUE``; the value is read as a TOML value, else kept as a string."""
+    key, separator, text = item.partition("=")
+    if not separator or not key:
+        raise ConfigError(
+            f"--set {item!r}: expected KEY=VALUE, for example student.epochs=4"
+        )
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip(), value

@@ -99,5 +99,38 @@ def cut_student(teacher: SentenceClassifier, layers: tuple[int, ...]) -> Sentenc
     return student
 
 
+class FactorizedEmbedding(nn.Module):
+    """A (vocabulary, hidden) embedding table stored as a (vocabulary, rank) table and a
+    (rank, hidden) projection, as ALBERT does; the ONNX graph becomes Gather then MatMul."""
+
+    def __init__(self, table: torch.Tensor, rank: int):
+        super().__init__()
+        vocabulary, hidden = table.shape
+        if not 0 < rank < hidden:
+            raise ValueError(f"rank is {rank}; it must be between 1 and {hidden - 1}")
+        # The truncated SVD is the best rank-r approximation of the table (Eckart-Young).
+        u, s, vh = torch.linalg.svd(table.detach().float(), full_matrices=False)
+        self.rows = nn.Embedding(vocabulary, rank)
+        self.projection = nn.Linear(rank, hidden, bias=False)
+        with torch.no_grad():
+            self.rows.weight.copy_(u[:, :rank] * s[:rank])  # (vocabulary, rank)
+            self.projection.weight.copy_(vh[:rank].T)  # (hidden, rank)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.rows(input_ids))  # (batch, seq, hidden)
+
+
+def factorize_word_embeddings(model: SentenceClassifier, rank: int) -> float:
+    """Replace the word embedding table of ``model`` by a rank-``rank`` factorization, in
+    place; return the share of the table's squared norm the factorization keeps."""
+    table = model.encoder.embeddings.word_embeddings.weight.detach()
+    factorized = FactorizedEmbedding(table, rank)
+    with torch.no_grad():
+        approximation = factorized.rows.weight @ factorized.projection.weight.T
+        kept = 1.0 - float(((table - approximation) ** 2).sum() / (table**2).sum())
+    model.encoder.embeddings.word_embeddings = factorized
+    return kept
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

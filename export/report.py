@@ -95,7 +95,12 @@ def render_markdown(report: dict) -> str:
         _teacher_line(teacher),
         f"- Student: {student['initialised_from']}, {student['parameters']:,} parameters, "
         f"distilled at T={student['distillation']['temperature']} with "
-        f"alpha={student['distillation']['alpha']}.",
+        f"alpha={student['distillation']['alpha']}"
+        + (f"; word embeddings at rank {student['embedding_rank']}"
+           if student.get("embedding_rank") else "")
+        + (f"; vocabulary trimmed to {student['vocabulary']['kept']:,} of "
+           f"{student['vocabulary']['original']:,} tokens" if student.get("vocabulary") else "")
+        + ".",
         f"- Packages: student {_mb(report['packages']['student']['size_bytes'])}, teacher "
         f"{_mb(report['packages']['teacher']['size_bytes'])}"
         + (" (reused, not rebuilt)." if from_package else "."),

@@ -408,8 +408,11 @@ def test_teacher_package_lacking_label_fails(tmp_path):
     rows = "text,label\nset an alarm for six,alarm\nsing me a sea shanty,sea_shanty\n"
     for split in ("train", "val", "test"):
         (data / f"{split}.csv").write_text(rows, encoding="utf-8")
+    # One example per label is enough to reach the teacher check; the data checks would
+    # stop a real build with so few examples first.
     config = _package_mode_config(tmp_path / "out", **{"data.path": str(data),
-                                                       "data.labels": []})
+                                                       "data.labels": [],
+                                                       "data.min_examples_per_label": 1})
     with pytest.raises(ConfigError, match=r"teacher\.package: .*lacks 1 label.*sea_shanty"):
         build(config)
     _assert_nothing_trained(tmp_path / "out")

@@ -1,0 +1,128 @@
+"""Builds that make the student smaller or skip the teacher's training: a trimmed vocabulary
+and a factorized word embedding table (student.trim_vocabulary, student.embedding_rank), and a
+teacher loaded from an earlier build's ONNX file (teacher.mode = "onnx")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime import EdgeRuntime
+from edge_runtime.errors import ConfigError
+from edge_runtime.package import read_package
+from export.config import parse_config
+from tests.conftest import (
+    CLINC150_DIR,
+    DEVICE_PUBLIC,
+    SIGNER_PRIVATE,
+    TINY_CONFIG,
+    demo_trust,
+    require_clinc150,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(out: Path, **overrides):
+    from export.config import load_config
+
+    return load_config(TINY_CONFIG, {
+        "data.path": str(CLINC150_DIR), "output.dir": str(out), "output.models_dir": "",
+        "package.signer_key": str(SIGNER_PRIVATE), "package.recipients": [str(DEVICE_PUBLIC)],
+        **overrides,
+    })
+
+
+@pytest.fixture(scope="module")
+def compact_build(tiny_build, tmp_path_factory):
+    """The tiny build again, with its teacher loaded from the first tiny build's ONNX file, a
+    rank-64 word embedding table and a trimmed vocabulary."""
+    require_clinc150()
+    pytest.importorskip("torch")
+    from export.build import build
+
+    out = tmp_path_factory.mktemp("compact-build")
+    config = tiny_config(out, **{
+        "teacher.mode": "onnx", "teacher.onnx": str(tiny_build.dir / "teacher-fp32.onnx"),
+        "student.embedding_rank": 64, "student.trim_vocabulary": True,
+        # The vocabulary comes from 480 train and validation queries, so many test queries
+        # have words it lacks and tokenize into other pieces than the fp32 student saw.
+        "checks.min_int8_agreement": 0.75,
+    })
+    return out, build(config)
+
+
+def test_onnx_teacher_matches_its_source(tiny_build, compact_build):
+    _, report = compact_build
+    source = tiny_build.report["stages"]["teacher"]
+    loaded = report["stages"]["teacher"]
+
+    assert loaded["test_fp32"] == source["test_fp32"]
+    assert loaded["training"]["loaded_from"].endswith("teacher-fp32.onnx")
+    assert loaded["mode"] == "onnx"
+
+
+def test_vocabulary_trim_reported(compact_build):
+    _, report = compact_build
+    vocabulary = report["stages"]["student"]["vocabulary"]
+
+    assert vocabulary["original"] == 30522
+    assert 1000 < vocabulary["kept"] < 5000
+    assert vocabulary["kept"] == vocabulary["from_corpus"] + vocabulary["for_coverage"]
+
+
+def test_package_holds_trimmed_tokenizer(compact_build):
+    out, report = compact_build
+    vocabulary = report["stages"]["student"]["vocabulary"]
+    package = read_package(out / "clinc150-tiny-student.edgepkg", demo_trust())
+
+    tokens = json.loads(package.tokenizer_json)["model"]["vocab"]
+    assert len(tokens) == vocabulary["kept"]
+    assert package.tokenizer_json == (out / "student-tokenizer.json").read_text()
+
+
+def test_embedding_table_is_factorized(compact_build):
+    import onnx
+    from onnx import numpy_helper
+
+    out, report = compact_build
+    kept = report["stages"]["student"]["vocabulary"]["kept"]
+    model = onnx.load(str(out / "student-int8.onnx"))
+    shapes = [tuple(numpy_helper.to_array(i).shape) for i in model.graph.initializer]
+
+    assert (kept, 64) in shapes
+    assert not any(len(shape) == 2 and shape[0] == kept and shape[1] == 384 for shape in shapes)
+    assert report["stages"]["student"]["embedding_rank"] == 64
+    assert 0.0 < report["stages"]["student"]["embedding_norm_kept"] < 1.0
+
+
+def test_compact_student_answers(compact_build):
+    out, report = compact_build
+
+    with EdgeRuntime.load(out / "clinc150-tiny-student.edgepkg", trust=demo_trust()) as runtime:
+        answer = runtime.answer("please set an alarm for 7 am tomorrow")
+
+    assert answer.label == "alarm"
+    assert report["stages"]["student"]["test_int8"]["in_scope_accuracy"] >= 0.75
+
+
+def test_compact_student_is_smaller(tiny_build, compact_build):
+    out, report = compact_build
+    full = tiny_build.report["packages"]["student"]["size_bytes"]
+    compact = report["packages"]["student"]["size_bytes"]
+
+    assert compact < full / 2
+    assert np.isclose(compact, (out / "clinc150-tiny-student.edgepkg").stat().st_size)
+
+
+def test_embedding_rank_beyond_width_rejected():
+    with pytest.raises(ConfigError, match="'student.embedding_rank'"):
+        parse_config({"data": {"path": "data"}, "student": {"embedding_rank": 384}})
+
+
+def test_negative_embedding_rank_rejected():
+    with pytest.raises(ConfigError, match="'student.embedding_rank'"):
+        parse_config({"data": {"path": "data"}, "student": {"embedding_rank": -1}})
