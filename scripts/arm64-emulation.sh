@@ -150,11 +150,18 @@ case $CPU_MODEL in
     cortex-a72) CPU_PART=0xd08 ;;
     cortex-a76) CPU_PART=0xd0b ;;
     neoverse-n1) CPU_PART=0xd0c ;;
-    *) die "invalid --cpu value: $CPU_MODEL; use cortex-a72, cortex-a76, cortex-a53, cortex-a57 or neoverse-n1" ;;
+    *) die "invalid --cpu value: $CPU_MODEL; use cortex-a72, cortex-a76, cortex-a53," \
+        "cortex-a57 or neoverse-n1" ;;
 esac
-[[ $BENCH_RUNS =~ ^[1-9][0-9]*$ ]] || die "invalid --bench-runs value: $BENCH_RUNS; use a positive integer"
-[[ $NICENESS =~ ^[0-9]+$ ]] || die "invalid --niceness value: $NICENESS; use an integer from 0 to 19"
-[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot and mount need it); rerun with sudo"
+if ! [[ $BENCH_RUNS =~ ^[1-9][0-9]*$ ]]; then
+    die "invalid --bench-runs value: $BENCH_RUNS; use a positive integer"
+fi
+if ! [[ $NICENESS =~ ^[0-9]+$ ]] || [ "$NICENESS" -gt 19 ]; then
+    die "invalid --niceness value: $NICENESS; use an integer from 0 to 19"
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    die "must run as root, because debootstrap, chroot and mount need it; rerun with sudo"
+fi
 
 # Emulation is CPU-heavy for an hour at a time, so the script lowers its own priority once.
 if [ "$(nice)" -lt "$NICENESS" ] && [ -z "${EDGE_ARM64_RENICED:-}" ]; then
@@ -165,8 +172,10 @@ fi
 WORK_DIR=$(realpath -m "$WORK_DIR")
 case $WORK_DIR/ in
     "$REPO"/*) die "--dir $WORK_DIR is inside the repository; choose a folder outside it" ;;
-    / | /bin/ | /boot/ | /dev/ | /etc/ | /home/ | /proc/ | /root/ | /sys/ | /usr/ | /var/ | /var/tmp/ | /tmp/)
-        die "--dir $WORK_DIR is a system folder; choose a dedicated folder such as /var/tmp/edge-arm64" ;;
+    / | /bin/ | /boot/ | /dev/ | /etc/ | /home/ | /proc/ | /root/ | /sys/ | /usr/ | /var/ | \
+        /var/tmp/ | /tmp/)
+        die "--dir $WORK_DIR is a system folder; choose a dedicated folder such as" \
+            "/var/tmp/edge-arm64" ;;
 esac
 ROOTFS=$WORK_DIR/rootfs
 SETUP_LOG=$WORK_DIR/setup.log
@@ -237,7 +246,8 @@ trap finish EXIT
 remove_rootfs() {
     unmount_all
     if findmnt -rn -o TARGET | grep -q "^$ROOTFS/"; then
-        die "something is still mounted under $ROOTFS; unmount it (findmnt | grep $ROOTFS) and rerun"
+        die "something is still mounted under $ROOTFS; unmount it (findmnt | grep $ROOTFS)" \
+            "and rerun"
     fi
     rm -rf --one-file-system "$ROOTFS"
     rm -f "$STAGE1_MARK" "$STAGE2_MARK"
@@ -517,7 +527,8 @@ def elf_machine(path):
 
 capi = next(Path(onnxruntime.__file__).parent.glob("capi/onnxruntime_pybind11_state*.so"))
 print(f"    platform.machine(): {platform.machine()}")
-print(f"    Python {platform.python_version()} ({sys.executable}, ELF {elf_machine(sys.executable)})")
+interpreter = sys.executable
+print(f"    Python {platform.python_version()} ({interpreter}, ELF {elf_machine(interpreter)})")
 print(f"    onnxruntime {onnxruntime.__version__} ({capi.name}, ELF {elf_machine(capi)})")
 for name in ("numpy", "tokenizers", "cryptography", "httpx", "pytest", "hypothesis"):
     print(f"    {name} {metadata.version(name)}")
@@ -571,8 +582,10 @@ $(printf "'%s' " "${options[@]}")" || status=$?
 # no package index by scripts/offline-install-check.sh, which also runs the bundle's self-test.
 run_bundle() {
     step "Offline bundle: build for aarch64 on the host, install and self-test in the root"
-    if [ ! -e "$REPO/edge_runtime/bundle.py" ] || [ ! -e "$REPO/scripts/offline-install-check.sh" ]; then
-        note "edge_runtime/bundle.py or scripts/offline-install-check.sh is missing from this checkout"
+    if [ ! -e "$REPO/edge_runtime/bundle.py" ] ||
+        [ ! -e "$REPO/scripts/offline-install-check.sh" ]; then
+        note "edge_runtime/bundle.py or scripts/offline-install-check.sh is missing from this" \
+            "checkout"
         BUNDLE_STATUS=2
         return
     fi
