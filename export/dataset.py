@@ -5,8 +5,9 @@ names.
 file its ``*_file`` key names, relative to that folder, or else from the file that the split
 name and the format give: ``data_full.json`` (CLINC150, one key a split), ``<split>.csv`` or
 ``<split>.jsonl``. Without a validation file the validation split is carved from train:
-``validation_fraction`` of each label's texts, drawn with ``split_seed``. A missing file or a field that the files lack raises ``ConfigError`` naming
-the key to change, before any training starts.
+``validation_fraction`` of each label's texts, drawn with ``split_seed``. A missing file or a
+field that the files lack raises ``ConfigError`` naming the key to change, before any training
+starts.
 """
 
 from __future__ import annotations
