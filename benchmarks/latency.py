@@ -40,7 +40,7 @@ def make_session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[dict[str, np.ndarray]]:
-    """One unpadded (1, seq) feed per text."""
+    """Encode each text as one unpadded (1, seq) feed."""
     feeds = []
     for text in texts:
         encoding = tokenizer.encode(text)

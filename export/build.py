@@ -71,7 +71,7 @@ from export.onnx_import import load_onnx_weights
 from export.report import write_reports
 from export.teacher_package import PackageTeacher, load_package_teacher
 from export.train import distil_student, predict_logits, train_teacher
-from export.vocab import check_tokenizer_remap, select_vocabulary, trim_model, trim_tokenizer
+from export.vocab import trim_model_and_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -364,19 +364,15 @@ def _trim_student_vocabulary(out: Path, tokenizer_json: str,
                              corpus: list[str]) -> tuple[Tokenizer, dict]:
     """Trim student-int8.onnx in ``out`` to the tokens of ``corpus`` plus the coverage
     tokens, write the trimmed tokenizer beside it, and return it with the figures."""
-    selection = select_vocabulary(tokenizer_json, corpus)
-    trimmed_json = trim_tokenizer(tokenizer_json, selection.kept_ids)
-    check_tokenizer_remap(tokenizer_json, trimmed_json, selection.kept_ids)
-    model_bytes, remapped = trim_model((out / "student-int8.onnx").read_bytes(),
-                                       selection.kept_ids)
-    (out / "student-int8.onnx").write_bytes(model_bytes)
-    (out / STUDENT_TOKENIZER).write_text(trimmed_json, encoding="utf-8")
-    log.info("student: vocabulary trimmed to %d of %d tokens (%s)", selection.size,
-             selection.original_size, ", ".join(remapped))
+    trimmed = trim_model_and_tokenizer((out / "student-int8.onnx").read_bytes(),
+                                       tokenizer_json, corpus)
+    (out / "student-int8.onnx").write_bytes(trimmed.model_bytes)
+    (out / STUDENT_TOKENIZER).write_text(trimmed.tokenizer_json, encoding="utf-8")
+    selection = trimmed.selection
     figures = {"kept": selection.size, "original": selection.original_size,
                "from_corpus": selection.from_corpus, "for_coverage": selection.for_coverage,
                "corpus_texts": selection.corpus_texts}
-    return Tokenizer.from_str(trimmed_json), figures
+    return Tokenizer.from_str(trimmed.tokenizer_json), figures
 
 
 def _trained_teacher(config: BuildConfig, out: Path, tokenizer: Tokenizer, labels: list[str],

@@ -23,11 +23,11 @@ from export.modeling import SentenceClassifier
 
 
 class OnnxImportError(ModelError):
-    """The ONNX file does not hold every weight of the classifier, or holds others."""
+    """The ONNX file lacks a weight of the classifier, or contains weights it does not have."""
 
 
 def onnx_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Map state-dict names to arrays for every weight the ONNX file ``path`` holds."""
+    """Return state-dict names mapped to arrays for every weight in the ONNX file ``path``."""
     import onnx
     from onnx import numpy_helper
 

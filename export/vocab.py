@@ -407,18 +407,15 @@ class TrimmedVocabulary:
     remapped: dict[str, str]
 
 
-def trim_vocabulary(package: ModelPackage, corpus_texts: Sequence[str]) -> TrimmedVocabulary:
-    """Trim a read package's model and tokenizer to the tokens of ``corpus_texts`` and of the
-    manifest's golden inputs, plus the coverage tokens."""
-    golden = [
-        item["text"]
-        for item in package.manifest.raw.get("golden") or []
-        if isinstance(item, dict) and isinstance(item.get("text"), str)
-    ]
-    selection = select_vocabulary(package.tokenizer_json, [*corpus_texts, *golden])
-    tokenizer_json = trim_tokenizer(package.tokenizer_json, selection.kept_ids)
-    check_tokenizer_remap(package.tokenizer_json, tokenizer_json, selection.kept_ids)
-    model_bytes, remapped = trim_model(package.model_bytes, selection.kept_ids)
+def trim_model_and_tokenizer(
+    model_bytes: bytes, tokenizer_json: str, corpus_texts: Sequence[str]
+) -> TrimmedVocabulary:
+    """Trim an ONNX model and its tokenizer to the tokens of ``corpus_texts`` plus the
+    coverage tokens, and check the tokenizer remap."""
+    selection = select_vocabulary(tokenizer_json, corpus_texts)
+    trimmed_json = trim_tokenizer(tokenizer_json, selection.kept_ids)
+    check_tokenizer_remap(tokenizer_json, trimmed_json, selection.kept_ids)
+    trimmed_bytes, remapped = trim_model(model_bytes, selection.kept_ids)
     log.info(
         "kept %d of %d tokens (%d from %d corpus texts, %d more for coverage); remapped %s",
         selection.size,
@@ -429,10 +426,23 @@ def trim_vocabulary(package: ModelPackage, corpus_texts: Sequence[str]) -> Trimm
         ", ".join(remapped),
     )
     return TrimmedVocabulary(
-        model_bytes=model_bytes,
-        tokenizer_json=tokenizer_json,
+        model_bytes=trimmed_bytes,
+        tokenizer_json=trimmed_json,
         selection=selection,
         remapped=remapped,
+    )
+
+
+def trim_vocabulary(package: ModelPackage, corpus_texts: Sequence[str]) -> TrimmedVocabulary:
+    """Trim a read package's model and tokenizer to the tokens of ``corpus_texts`` and of the
+    manifest's golden inputs, plus the coverage tokens."""
+    golden = [
+        item["text"]
+        for item in package.manifest.raw.get("golden") or []
+        if isinstance(item, dict) and isinstance(item.get("text"), str)
+    ]
+    return trim_model_and_tokenizer(
+        package.model_bytes, package.tokenizer_json, [*corpus_texts, *golden]
     )
 
 
