@@ -10,8 +10,10 @@ also carries the time at which asking again makes sense.
 Both clients retry, honour ``Retry-After`` and keep a circuit breaker with the same rules,
 because the decisions live in ``edge_runtime.teacher_policy`` and only the transport differs.
 docs/runtime-client.md describes the rules and their defaults. httpx is imported and the
-connection pool created on the first request, so a device whose first answers are local does
-not pay for them at start-up.
+connection pool created on the first call, so a device whose first answers are local does not
+pay for them at start-up. That call builds the httpx client before its query's budget and
+deadlines start, because loading the CA bundle can take longer than a deadline on a slow CPU
+(2.6 s under qemu emulation of a Cortex-A72, measured with scripts/arm64-emulation.sh).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ HEALTH_PATH = "/healthz"
 
 
 class _ClientBase:
-    """Settings, validation and the shared ``QueryPolicy`` of both clients."""
+    """Settings, validation, the shared ``QueryPolicy`` and the lazily built httpx client of
+    both clients."""
 
     def __init__(
         self,
@@ -126,6 +129,7 @@ class _ClientBase:
             random=random,
         )
         self._client_lock = threading.Lock()
+        self._client: httpx.Client | httpx.AsyncClient | None = None
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -139,6 +143,19 @@ class _ClientBase:
 
     def __repr__(self) -> str:  # the API key stays out of reprs and logs
         return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    def _http_client(self):
+        """Return the httpx client, building it and its TLS context on the first call and
+        after a close."""
+        with self._client_lock:
+            if self._client is None:
+                import httpx
+
+                self._client = self._build_client(httpx)
+            return self._client
+
+    def _build_client(self, httpx_module):
+        raise NotImplementedError
 
     def _client_options(self, httpx_module, transport_class) -> dict:
         import socket
@@ -204,16 +221,9 @@ class TeacherClient(_ClientBase):
             random=random,
         )
         self._sleep = sleep
-        self._client: httpx.Client | None = None
 
-    @property
-    def _http(self) -> httpx.Client:
-        with self._client_lock:
-            if self._client is None:
-                import httpx
-
-                self._client = httpx.Client(**self._client_options(httpx, httpx.HTTPTransport))
-            return self._client
+    def _build_client(self, httpx_module) -> httpx.Client:
+        return httpx_module.Client(**self._client_options(httpx_module, httpx_module.HTTPTransport))
 
     def predict(self, text: str) -> TeacherAnswer:
         """Return the teacher's answer for ``text``, retrying where that is safe.
@@ -222,6 +232,8 @@ class TeacherClient(_ClientBase):
         breaker is open or when Retry-After is beyond the query's budget, and
         ``TeacherUnavailable`` on any other failure.
         """
+        # Built before the query starts, so its budget and deadlines cover only network work.
+        self._http_client()
         query = self._policy.start_query()
         while True:
             wait = query.next_wait()
@@ -244,7 +256,7 @@ class TeacherClient(_ClientBase):
         import httpx
 
         try:
-            with self._http.stream(
+            with self._http_client().stream(
                 "POST", PREDICT_PATH, json={"text": text}, timeout=_attempt_timeout(httpx, attempt)
             ) as response:
                 # NOTE: headers sent slowly are bounded only by the per-read timeout, so a
@@ -265,7 +277,7 @@ class TeacherClient(_ClientBase):
         import httpx
 
         try:
-            return self._http.get(HEALTH_PATH).status_code == 200
+            return self._http_client().get(HEALTH_PATH).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -320,18 +332,21 @@ class AsyncTeacherClient(_ClientBase):
             random=random,
         )
         self._sleep = sleep
-        self._client: httpx.AsyncClient | None = None
 
-    @property
-    def _http(self) -> httpx.AsyncClient:
-        with self._client_lock:
-            if self._client is None:
-                import httpx
+    def _build_client(self, httpx_module) -> httpx.AsyncClient:
+        return httpx_module.AsyncClient(
+            **self._client_options(httpx_module, httpx_module.AsyncHTTPTransport)
+        )
 
-                self._client = httpx.AsyncClient(
-                    **self._client_options(httpx, httpx.AsyncHTTPTransport)
-                )
-            return self._client
+    async def _ready_client(self) -> httpx.AsyncClient:
+        """Return the httpx client. When there is none yet, build it in a worker thread, so
+        that loading the CA bundle does not stall the other tasks of the event loop."""
+        client = self._client
+        if client is None:
+            import asyncio
+
+            client = await asyncio.to_thread(self._http_client)
+        return client
 
     async def predict(self, text: str) -> TeacherAnswer:
         """Return the teacher's answer for ``text``; see ``TeacherClient.predict``."""
@@ -340,6 +355,8 @@ class AsyncTeacherClient(_ClientBase):
             import asyncio
 
             sleep = asyncio.sleep
+        # Built before the query starts, as in TeacherClient.predict.
+        await self._ready_client()
         query = self._policy.start_query()
         while True:
             wait = query.next_wait()
@@ -374,8 +391,9 @@ class AsyncTeacherClient(_ClientBase):
     async def _exchange(self, attempt: Attempt, text: str) -> Reply:
         import httpx
 
+        client = await self._ready_client()
         try:
-            async with self._http.stream(
+            async with client.stream(
                 "POST", PREDICT_PATH, json={"text": text}, timeout=_attempt_timeout(httpx, attempt)
             ) as response:
                 body = ReplyBuffer(attempt, self._policy.clock)
@@ -392,8 +410,9 @@ class AsyncTeacherClient(_ClientBase):
         breaker and does not change its state."""
         import httpx
 
+        client = await self._ready_client()
         try:
-            return (await self._http.get(HEALTH_PATH)).status_code == 200
+            return (await client.get(HEALTH_PATH)).status_code == 200
         except httpx.HTTPError:
             return False
 

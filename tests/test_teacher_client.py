@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import format_datetime
 
@@ -731,6 +732,71 @@ def test_async_deadline_covers_slow_headers():
         stop.set()
         server.join(5)
         listener.close()
+
+
+def slow_down_tls_setup(monkeypatch, wait: Callable[[], None]) -> list[tuple]:
+    """Make ``ssl.create_default_context``, which httpx 0.28 calls to load the CA bundle when
+    it builds a client's transport, call ``wait`` first. Return the list of calls it records,
+    so a test can check that the client really went through it."""
+    original = ssl.create_default_context
+    calls = []
+
+    def create_default_context(*args, **kwargs):
+        calls.append((args, kwargs))
+        wait()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ssl, "create_default_context", create_default_context)
+    return calls
+
+
+def test_slow_tls_setup_outside_deadline(make_client, make_server, monkeypatch):
+    # The TLS setup moves the fake clock past the attempt's deadline and the query's budget, as
+    # a slow CPU does: under qemu (scripts/arm64-emulation.sh), loading the CA bundle took 2.6 s.
+    server = make_server()
+    clock = FakeClock()
+    calls = slow_down_tls_setup(monkeypatch, lambda: clock.advance(60.0))
+    client = make_client(server.url, clock=clock)  # default deadline 3 s, default budget 5 s
+
+    answer = client.predict()
+
+    assert calls  # the client was built on the first predict, through the slowed function
+    assert answer.label == "weather"
+    assert len(server.requests) == 1
+    assert clock.sleeps == []
+    assert client.client.breaker_state == "closed"
+
+
+def test_async_slow_tls_setup_real_clock(make_server, monkeypatch):
+    # On the real clock, asyncio.wait_for enforces the attempt's deadline. The TLS setup waits
+    # until another task of the event loop releases it, which that task can do only while the
+    # loop is free. The release comes 2 s after the setup starts, past the deadline of 1.5 s.
+    server = make_server()
+    building = threading.Event()
+    released = threading.Event()
+    releases = []
+
+    def wait_for_release():
+        building.set()
+        releases.append(released.wait(10))
+
+    calls = slow_down_tls_setup(monkeypatch, wait_for_release)
+
+    async def scenario():
+        async with AsyncTeacherClient(server.url, connect_timeout=0.5, read_timeout=1.0) as client:
+            prediction = asyncio.create_task(client.predict("weather in rome"))
+            while not building.is_set():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(2.0)
+            released.set()
+            return await prediction
+
+    answer = asyncio.run(scenario())
+
+    assert calls
+    assert releases == [True]  # released by the other task, not after the 10 s timeout
+    assert answer.label == "weather"
+    assert len(server.requests) == 1
 
 
 @pytest.mark.parametrize(
