@@ -141,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recipes", default=",".join(RECIPES), help="int8 recipes to run, comma-separated"
     )
+    parser.add_argument(
+        "--builds",
+        default="",
+        help="finished build folders, comma-separated, whose int8 student joins the sweep as "
+        "built (for a student shaped by build keys the sweep has no recipe for)",
+    )
     parser.add_argument("--lock-file", help="file that exists while latency is measured")
     parser.add_argument(
         "--results",
@@ -165,7 +171,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    results = run_sweep(args, build_dir, students, recipes)
+    builds = [Path(b) for b in args.builds.split(",") if b]
+    for build in builds:
+        for name in ("student-int8.onnx", "build_report.json"):
+            if not (build / name).is_file():
+                print(f"error: --builds names {build}, which has no {name}; give the output "
+                      "folder of a finished `python -m export build`", file=sys.stderr)
+                return 2
+    results = run_sweep(args, build_dir, students, recipes, builds)
     base = Path(args.results)
     base.parent.mkdir(parents=True, exist_ok=True)
     (base.parent / f"{base.name}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -180,7 +193,11 @@ def progress(message: str) -> None:
 
 
 def run_sweep(
-    args: argparse.Namespace, build_dir: Path, students: list[str], recipes: list[str]
+    args: argparse.Namespace,
+    build_dir: Path,
+    students: list[str],
+    recipes: list[str],
+    builds: list[Path] = (),
 ) -> dict:
     from export.config import load_config
 
@@ -252,6 +269,11 @@ def run_sweep(
                 "path": target,
                 "tokenizer": tokenizer_text,
             }
+    built_students = {}
+    for build in builds:
+        spec = built_student(build)
+        built_students[build.name] = spec["settings"]
+        models[f"{build.name} {spec['recipe']}"] = spec
     seconds["quantization"] = round(time.perf_counter() - stage, 1)
 
     stage = time.perf_counter()
@@ -320,6 +342,7 @@ def run_sweep(
             }
             for name in students
         },
+        "built_students": built_students,
         "recipes": {r: RECIPES[r] for r in recipes},
         "vocabulary": {
             "kept": int(selection.size),
@@ -404,6 +427,36 @@ def train_students(
         os.replace(partial, paths[name])
         del student
     return paths
+
+
+def built_student(build: Path) -> dict:
+    """The int8 student of a finished build, as a sweep model, with the build keys that shaped
+    it."""
+    report = json.loads((build / "build_report.json").read_text())
+    student = report["stages"]["student"]
+    quantization = report["config"]["quantization"]
+    tokenizer = build / "student-tokenizer.json"
+    if not tokenizer.is_file():
+        tokenizer = build / "tokenizer.json"
+    recipe = (f"build-{'s8' if quantization['weight_type'] == 'qint8' else 'u8'}-"
+              f"{'channel' if quantization['per_channel'] else 'tensor'}")
+    return {
+        "student": build.name,
+        "depth": len(student["layers"]),
+        "embedding_rank": student.get("embedding_rank", 0),
+        "trimmed": student.get("vocabulary") is not None,
+        "recipe": recipe,
+        "path": build / "student-int8.onnx",
+        "tokenizer": tokenizer.read_text(),
+        "settings": {
+            "layers": student["layers"],
+            "embedding_rank": student.get("embedding_rank", 0),
+            "intermediate_size": student.get("intermediate_size", 0),
+            "kept_tokens": (student.get("vocabulary") or {}).get("kept"),
+            "transfer_sentences": student["examples"].get("transfer", 0),
+            "epochs": report["config"]["student"]["epochs"],
+        },
+    }
 
 
 def trimmed_vocabulary(tokenizer_json: str, train: list, val: list):
@@ -625,6 +678,7 @@ def command_line(args: argparse.Namespace) -> str:
         "work_dir": "build/sweep",
         "students": ",".join(STUDENTS),
         "recipes": ",".join(RECIPES),
+        "builds": "",
         "lock_file": None,
         "results": "benchmarks/results/student_sweep",
     }
@@ -694,6 +748,16 @@ def render_markdown(results: dict) -> str:
         "median and p95 of 1,000 test queries. `x`: teacher fp32 median over this median. "
         "`front`: no other student is at least as accurate, fast and small.",
         "",
+    ]
+    for name, settings in results.get("built_students", {}).items():
+        lines[-2] += (
+            f" `{name}`: the int8 student of the build in that folder (layers "
+            f"{settings['layers']}, embedding rank {settings['embedding_rank']}, feed-forward "
+            f"width {settings['intermediate_size'] or 1536}, "
+            f"{settings['kept_tokens'] or 30522:,} tokens, "
+            f"{settings['transfer_sentences']:,} transfer sentences, {settings['epochs']} epochs)."
+        )
+    lines += [
         "| model | recipe | payload MB | median ms | p95 ms | x | accuracy | in-scope | "
         "OOS recall | local share | cascade | cascade at 85% | front |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

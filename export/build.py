@@ -47,7 +47,7 @@ from edge_runtime.package import write_package
 from export.calibrate import calibrate
 from export.config import BuildConfig, PackageConfig
 from export.data_checks import check_build_data
-from export.dataset import load_splits, out_of_scope_label
+from export.dataset import load_splits, normalize_text, out_of_scope_label
 from export.extra_train import load_extra_train
 from export.modeling import (
     PRETRAINED_NAME,
@@ -55,8 +55,10 @@ from export.modeling import (
     count_parameters,
     cut_student,
     factorize_word_embeddings,
+    keep_token_rows,
     load_pretrained_classifier,
     load_tokenizer,
+    narrow_feed_forward,
 )
 from export.onnx_export import (
     INPUT_NAMES,
@@ -71,7 +73,7 @@ from export.onnx_import import load_onnx_weights
 from export.report import write_reports
 from export.teacher_package import PackageTeacher, load_package_teacher
 from export.train import distil_student, predict_logits, train_teacher
-from export.vocab import trim_model_and_tokenizer
+from export.vocab import trimmed_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -202,19 +204,26 @@ def build(config: BuildConfig) -> dict:
     extra = load_extra_train(config.data.extra_train, config.data.extra_train_weight, labels,
                              train, val, test)
     student_examples = train + extra.examples
-    student_texts = [e.text for e in student_examples]
-    student_labels = np.array([index[e.label] for e in student_examples], dtype=np.int64)
+    transfer_texts = load_transfer_texts(config, [*val, *test])
+    # Transfer sentences have no label (-1): the student learns only the teacher's soft targets.
+    student_texts = [e.text for e in student_examples] + transfer_texts
+    labelled = [index[e.label] for e in student_examples]
+    student_labels = np.array(labelled + [-1] * len(transfer_texts), dtype=np.int64)
     weights = np.concatenate([np.ones(len(train), dtype=np.float32),
                               np.full(len(extra.examples), config.data.extra_train_weight,
-                                      dtype=np.float32)])
+                                      dtype=np.float32),
+                              np.ones(len(transfer_texts), dtype=np.float32)])
     train_texts = [e.text for e in train]
     train_labels = np.array([index[e.label] for e in train], dtype=np.int64)
     val_texts, val_labels = [e.text for e in val], np.array([index[e.label] for e in val])
     test_texts, test_labels = [e.text for e in test], np.array([index[e.label] for e in test])
     report["data"] = {"path": config.data.path, "labels": len(labels), "train": len(train),
-                      "validation": len(val), "test": len(test), "extra_train": extra.report}
-    log.info("data: %d labels, %d train, %d validation, %d test, %d extra from escalation logs",
-             len(labels), len(train), len(val), len(test), len(extra.examples))
+                      "validation": len(val), "test": len(test), "extra_train": extra.report,
+                      "transfer": {"file": config.student.transfer_file,
+                                   "sentences": len(transfer_texts)}}
+    log.info("data: %d labels, %d train, %d validation, %d test, %d extra from escalation logs, "
+             "%d transfer sentences", len(labels), len(train), len(val), len(test),
+             len(extra.examples), len(transfer_texts))
 
     package_teacher = None
     if config.teacher.mode == "package":
@@ -242,37 +251,46 @@ def build(config: BuildConfig) -> dict:
     stage = time.perf_counter()
     student = teacher.student
     embedding_kept = None
+    if config.student.intermediate_size:
+        narrow_feed_forward(student, config.student.intermediate_size)
+        log.info("student: feed-forward blocks narrowed to %d neurons",
+                 config.student.intermediate_size)
     if config.student.embedding_rank:
         embedding_kept = factorize_word_embeddings(student, config.student.embedding_rank)
         log.info("student: word embeddings at rank %d keep %.1f%% of the table's squared norm",
                  config.student.embedding_rank, 100 * embedding_kept)
-    student_training = distil_student(student, tokenizer, student_texts, student_labels,
-                                      teacher.soft_targets, config.student, config.seed,
-                                      weights=weights)
-    student_test_logits = predict_logits(student, tokenizer, test_texts)
-    export_onnx(student, out / "student-fp32.onnx", train_texts, tokenizer)
-    student_check = check_export(student, out / "student-fp32.onnx", tokenizer, check_texts,
-                                 config.checks.onnx_tolerance, "student")
-    recipe = quantize_int8(out / "student-fp32.onnx", out / "student-int8.onnx",
-                           config.quantization.weight_type, config.quantization.per_channel)
     student_tokenizer, student_tokenizer_bytes, vocabulary = tokenizer, tokenizer_bytes, None
     if config.student.trim_vocabulary:
+        # Trimmed before distillation, so the student learns with the tokenizer it ships with:
+        # words outside the kept tokens split into kept pieces, in training as on the device.
         student_tokenizer, vocabulary = _trim_student_vocabulary(
-            out, tokenizer_bytes.decode("utf-8"), [*student_texts, *val_texts]
+            student, out, tokenizer_bytes.decode("utf-8"),
+            [e.text for e in student_examples] + val_texts,
         )
         student_tokenizer_bytes = (out / STUDENT_TOKENIZER).read_bytes()
+    student_training = distil_student(student, student_tokenizer, student_texts, student_labels,
+                                      teacher.soft_targets, config.student, config.seed,
+                                      weights=weights)
+    student_test_logits = predict_logits(student, student_tokenizer, test_texts)
+    export_onnx(student, out / "student-fp32.onnx", train_texts, student_tokenizer)
+    student_check = check_export(student, out / "student-fp32.onnx", student_tokenizer,
+                                 check_texts, config.checks.onnx_tolerance, "student")
+    recipe = quantize_int8(out / "student-fp32.onnx", out / "student-int8.onnx",
+                           config.quantization.weight_type, config.quantization.per_channel)
     student_int8_session = session_from_file(out / "student-int8.onnx")
     student_int8_test = onnx_logits(student_int8_session, student_tokenizer, test_texts)
     student_int8_val = onnx_logits(student_int8_session, student_tokenizer, val_texts)
     agreement = _agreement(student_int8_test, student_test_logits)
     report["stages"]["student"] = {
         "layers": list(config.student.layers), "initialised_from": teacher.student_origin,
+        "intermediate_size": config.student.intermediate_size,
         "embedding_rank": config.student.embedding_rank,
         "embedding_norm_kept": embedding_kept,
         "vocabulary": vocabulary,
         "parameters": count_parameters(student),
         "examples": {"train": len(train), "extra_train": len(extra.examples),
-                     "extra_train_weight": config.data.extra_train_weight},
+                     "extra_train_weight": config.data.extra_train_weight,
+                     "transfer": len(transfer_texts)},
         "distillation": {"temperature": config.student.temperature, "alpha": config.student.alpha,
                          **student_training},
         "onnx_check": student_check.__dict__,
@@ -360,19 +378,48 @@ def build(config: BuildConfig) -> dict:
     return report
 
 
-def _trim_student_vocabulary(out: Path, tokenizer_json: str,
+def load_transfer_texts(config: BuildConfig, held_out: list[Example]) -> list[str]:
+    """The lines of ``student.transfer_file`` (up to ``student.transfer_limit``), stripped,
+    without empty lines, repeats, and sentences of the validation or test split."""
+    path = config.student.transfer_file
+    if not path:
+        return []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"student.transfer_file {path}: cannot read it as UTF-8 text ({exc}); "
+                          "give a text file with one sentence per line") from None
+    if config.student.transfer_limit:
+        lines = lines[:config.student.transfer_limit]
+    held = {normalize_text(e.text) for e in held_out}
+    texts, seen = [], set()
+    for line in lines:
+        text = line.strip()
+        key = normalize_text(text)
+        if text and key not in seen and key not in held:
+            seen.add(key)
+            texts.append(text)
+    if not texts:
+        raise ConfigError(f"student.transfer_file {path} has no usable sentence; give a text "
+                          "file with one sentence per line, or set it to \"\"")
+    log.info("transfer: %d sentences from %s (%d lines read)", len(texts), path, len(lines))
+    return texts
+
+
+def _trim_student_vocabulary(student: SentenceClassifier, out: Path, tokenizer_json: str,
                              corpus: list[str]) -> tuple[Tokenizer, dict]:
-    """Trim student-int8.onnx in ``out`` to the tokens of ``corpus`` plus the coverage
-    tokens, write the trimmed tokenizer beside it, and return it with the figures."""
-    trimmed = trim_model_and_tokenizer((out / "student-int8.onnx").read_bytes(),
-                                       tokenizer_json, corpus)
-    (out / "student-int8.onnx").write_bytes(trimmed.model_bytes)
-    (out / STUDENT_TOKENIZER).write_text(trimmed.tokenizer_json, encoding="utf-8")
-    selection = trimmed.selection
+    """Keep the student's embedding rows for the tokens of ``corpus`` plus the coverage
+    tokens, write the trimmed tokenizer to ``out``, and return it with the figures."""
+    trimmed_json, selection = trimmed_tokenizer(tokenizer_json, corpus)
+    keep_token_rows(student, selection.kept_ids)
+    (out / STUDENT_TOKENIZER).write_text(trimmed_json, encoding="utf-8")
+    log.info("student vocabulary: kept %d of %d tokens (%d from %d corpus texts, %d more for "
+             "coverage)", selection.size, selection.original_size, selection.from_corpus,
+             selection.corpus_texts, selection.for_coverage)
     figures = {"kept": selection.size, "original": selection.original_size,
                "from_corpus": selection.from_corpus, "for_coverage": selection.for_coverage,
                "corpus_texts": selection.corpus_texts}
-    return Tokenizer.from_str(trimmed.tokenizer_json), figures
+    return Tokenizer.from_str(trimmed_json), figures
 
 
 def _trained_teacher(config: BuildConfig, out: Path, tokenizer: Tokenizer, labels: list[str],

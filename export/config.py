@@ -110,8 +110,18 @@ class StudentConfig:
     # truncated SVD of the teacher's table and distilled with the rest of the student.
     embedding_rank: int = 0
     # Keep only the tokens of the train, extra and validation texts (plus the pieces every
-    # text needs to tokenize) in the int8 student and its tokenizer (export.vocab).
+    # text needs to tokenize) in the student and its tokenizer (export.vocab). The trim comes
+    # before distillation, so the student trains with the tokenizer it ships with.
     trim_vocabulary: bool = False
+    # A text file of unlabelled sentences, one per line, that the student also learns from:
+    # the teacher labels each with soft targets and the student matches them (the KL term
+    # only). Sentences of the validation or test split are dropped. "" uses none.
+    transfer_file: str = ""
+    # How many lines of transfer_file to use, from the top; 0 uses all.
+    transfer_limit: int = 0
+    # Width of each student layer's feed-forward block; 0 keeps the teacher's 1536. A smaller
+    # width keeps the neurons whose input and output weights have the largest norms.
+    intermediate_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -326,6 +336,14 @@ def _validate(config: BuildConfig, source: str) -> None:
     if not 0 <= config.student.embedding_rank < 384:
         fail("student.embedding_rank", config.student.embedding_rank,
              "0 (the full width of 384) or a rank from 1 to 383, for example 192")
+    if not 0 <= config.student.intermediate_size < 1536:
+        fail("student.intermediate_size", config.student.intermediate_size,
+             "0 (the teacher's 1536) or a width from 1 to 1535, for example 768")
+    if config.student.transfer_limit < 0:
+        fail("student.transfer_limit", config.student.transfer_limit, "0 (all lines) or more")
+    if config.student.transfer_file and not Path(config.student.transfer_file).is_file():
+        fail("student.transfer_file", config.student.transfer_file,
+             "a text file with one sentence per line, or \"\" for none")
     if not 0.0 <= config.student.alpha <= 1.0:
         fail("student.alpha", config.student.alpha, "a number in [0, 1]")
     for key, value in [

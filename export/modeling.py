@@ -132,5 +132,41 @@ def factorize_word_embeddings(model: SentenceClassifier, rank: int) -> float:
     return kept
 
 
+def narrow_feed_forward(model: SentenceClassifier, width: int) -> None:
+    """Keep ``width`` neurons of each layer's feed-forward block, in place: those whose input
+    row and output column have the largest product of norms, in their original order."""
+    for layer in model.encoder.encoder.layer:
+        expand, shrink = layer.intermediate.dense, layer.output.dense  # 384->1536, 1536->384
+        if not 0 < width <= expand.out_features:
+            raise ValueError(f"width is {width}; it must be between 1 and {expand.out_features}")
+        importance = expand.weight.norm(dim=1) * shrink.weight.norm(dim=0)  # (1536,)
+        kept = importance.topk(width).indices.sort().values
+        narrow_expand = nn.Linear(expand.in_features, width)
+        narrow_shrink = nn.Linear(width, shrink.out_features)
+        with torch.no_grad():
+            narrow_expand.weight.copy_(expand.weight[kept])
+            narrow_expand.bias.copy_(expand.bias[kept])
+            narrow_shrink.weight.copy_(shrink.weight[:, kept])
+            narrow_shrink.bias.copy_(shrink.bias)
+        layer.intermediate.dense, layer.output.dense = narrow_expand, narrow_shrink
+    model.encoder.config.intermediate_size = width
+
+
+def keep_token_rows(model: SentenceClassifier, kept_ids: np.ndarray) -> None:
+    """Keep only the word embedding rows of ``kept_ids``, in that order, in place, so that the
+    model reads the ids of a tokenizer trimmed to the same tokens (export.vocab)."""
+    embeddings = model.encoder.embeddings
+    table = embeddings.word_embeddings
+    module = table.rows if isinstance(table, FactorizedEmbedding) else table
+    rows = nn.Embedding(len(kept_ids), module.embedding_dim)
+    with torch.no_grad():
+        rows.weight.copy_(module.weight[torch.from_numpy(np.asarray(kept_ids, dtype=np.int64))])
+    if isinstance(table, FactorizedEmbedding):
+        table.rows = rows
+    else:
+        embeddings.word_embeddings = rows
+    model.encoder.config.vocab_size = len(kept_ids)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -127,6 +127,20 @@ def _train_head(
     return {"final_loss": loss.item(), "steps": 300}
 
 
+def distillation_loss(
+    logits: torch.Tensor, soft_targets: torch.Tensor, targets: torch.Tensor, temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Per-example loss (batch,): alpha * KL(soft_targets || softmax(logits / T)) * T^2 plus
+    (1 - alpha) * cross-entropy with ``targets``; an example whose target is -1 (unlabelled)
+    gets the KL term alone."""
+    soft = F.kl_div(
+        F.log_softmax(logits / temperature, dim=-1), soft_targets, reduction="none"
+    ).sum(dim=-1) * temperature**2  # (batch,)
+    hard = F.cross_entropy(logits, targets.clamp(min=0), reduction="none")  # (batch,)
+    return torch.where(targets >= 0, alpha * soft + (1.0 - alpha) * hard, soft)
+
+
 def distil_student(
     student: SentenceClassifier,
     tokenizer: Tokenizer,
@@ -139,7 +153,9 @@ def distil_student(
 ) -> dict[str, float]:
     """Distil in place: alpha * KL(soft teacher || soft student) * T^2 + (1 - alpha) * CE.
 
-    ``weights`` (len(texts),) scales each example's loss, and None gives every example weight 1.
+    A label of -1 marks an unlabelled (transfer) example: its loss is the KL term alone, at
+    full weight. ``weights`` (len(texts),) scales each example's loss, and None gives every
+    example weight 1.
     A batch's loss is the weighted sum divided by the batch size, so weight 2 counts an example
     about as much as two copies of it.
     """
@@ -163,12 +179,8 @@ def distil_student(
             for batch in _batches(len(texts), config.batch_size, rng):
                 input_ids, attention_mask = encode_batch(tokenizer, [texts[i] for i in batch])
                 logits = student(input_ids, attention_mask)  # (batch, num_labels)
-                soft = F.kl_div(
-                    F.log_softmax(logits / temperature, dim=-1), soft_targets[batch],
-                    reduction="none",
-                ).sum(dim=-1) * temperature**2  # (batch,)
-                hard = F.cross_entropy(logits, targets[batch], reduction="none")  # (batch,)
-                per_example = config.alpha * soft + (1.0 - config.alpha) * hard
+                per_example = distillation_loss(logits, soft_targets[batch], targets[batch],
+                                                temperature, config.alpha)
                 loss = (example_weights[batch] * per_example).sum() / len(batch)
                 optimizer.zero_grad()
                 loss.backward()

@@ -407,14 +407,23 @@ class TrimmedVocabulary:
     remapped: dict[str, str]
 
 
+def trimmed_tokenizer(
+    tokenizer_json: str, corpus_texts: Sequence[str]
+) -> tuple[str, VocabularySelection]:
+    """The tokenizer trimmed to the tokens of ``corpus_texts`` plus the coverage tokens, with
+    its remap checked, and the selection behind it."""
+    selection = select_vocabulary(tokenizer_json, corpus_texts)
+    trimmed_json = trim_tokenizer(tokenizer_json, selection.kept_ids)
+    check_tokenizer_remap(tokenizer_json, trimmed_json, selection.kept_ids)
+    return trimmed_json, selection
+
+
 def trim_model_and_tokenizer(
     model_bytes: bytes, tokenizer_json: str, corpus_texts: Sequence[str]
 ) -> TrimmedVocabulary:
     """Trim an ONNX model and its tokenizer to the tokens of ``corpus_texts`` plus the
     coverage tokens, and check the tokenizer remap."""
-    selection = select_vocabulary(tokenizer_json, corpus_texts)
-    trimmed_json = trim_tokenizer(tokenizer_json, selection.kept_ids)
-    check_tokenizer_remap(tokenizer_json, trimmed_json, selection.kept_ids)
+    trimmed_json, selection = trimmed_tokenizer(tokenizer_json, corpus_texts)
     trimmed_bytes, remapped = trim_model(model_bytes, selection.kept_ids)
     log.info(
         "kept %d of %d tokens (%d from %d corpus texts, %d more for coverage); remapped %s",

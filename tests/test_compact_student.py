@@ -1,6 +1,7 @@
-"""Builds that make the student smaller or skip the teacher's training: a trimmed vocabulary
-and a factorized word embedding table (student.trim_vocabulary, student.embedding_rank), and a
-teacher loaded from an earlier build's ONNX file (teacher.mode = "onnx")."""
+"""Builds that make the student smaller or skip the teacher's training: a trimmed vocabulary,
+a factorized word embedding table, narrower feed-forward blocks and a transfer set
+(student.trim_vocabulary, embedding_rank, intermediate_size, transfer_file), and a teacher
+loaded from an earlier build's ONNX file (teacher.mode = "onnx")."""
 
 from __future__ import annotations
 
@@ -45,14 +46,44 @@ def compact_build(tiny_build, tmp_path_factory):
     from export.build import build
 
     out = tmp_path_factory.mktemp("compact-build")
+    transfer = out / "transfer.txt"
+    transfer.write_text("\n".join(TRANSFER_SENTENCES) + "\n", encoding="utf-8")
     config = tiny_config(out, **{
         "teacher.mode": "onnx", "teacher.onnx": str(tiny_build.dir / "teacher-fp32.onnx"),
         "student.embedding_rank": 64, "student.trim_vocabulary": True,
-        # The vocabulary comes from 480 train and validation queries, so many test queries
-        # have words it lacks and tokenize into other pieces than the fp32 student saw.
-        "checks.min_int8_agreement": 0.75,
+        "student.intermediate_size": 256, "student.transfer_file": str(transfer),
     })
     return out, build(config)
+
+
+# Unlabelled sentences for the transfer set; the repeat is dropped, so 4 are used.
+TRANSFER_SENTENCES = [
+    "the castle was rebuilt after the fire of 1624",
+    "she recorded three albums with the orchestra",
+    "The castle was rebuilt after the fire of 1624",
+    "the river is navigable for most of its length",
+    "zoologists counted eleven nesting pairs",
+]
+
+
+def test_transfer_sentences_used(compact_build):
+    _, report = compact_build
+
+    assert report["data"]["transfer"]["sentences"] == 4
+    assert report["stages"]["student"]["examples"]["transfer"] == 4
+
+
+def test_feed_forward_narrowed(compact_build):
+    import onnx
+    from onnx import numpy_helper
+
+    out, report = compact_build
+    model = onnx.load(str(out / "student-int8.onnx"))
+    shapes = [tuple(numpy_helper.to_array(i).shape) for i in model.graph.initializer]
+
+    assert (384, 256) in shapes and (256, 384) in shapes  # the two MatMul weights, (in, out)
+    assert not any(1536 in shape for shape in shapes)
+    assert report["stages"]["student"]["intermediate_size"] == 256
 
 
 def test_onnx_teacher_matches_its_source(tiny_build, compact_build):
