@@ -40,6 +40,15 @@ _LAZY = {
     "ModelError": "edge_runtime.errors",
     "PackageError": "edge_runtime.errors",
     "PackageIntegrityError": "edge_runtime.errors",
+    "ArchiveFormatError": "edge_runtime.errors",
+    "InvalidMemberNameError": "edge_runtime.errors",
+    "ManifestError": "edge_runtime.errors",
+    "OversizeMemberError": "edge_runtime.errors",
+    "OversizePackageError": "edge_runtime.errors",
+    "PackageLimitError": "edge_runtime.errors",
+    "PackageReadError": "edge_runtime.errors",
+    "TooManyMembersError": "edge_runtime.errors",
+    "UnsupportedSchemaVersionError": "edge_runtime.errors",
     "RollbackError": "edge_runtime.errors",
     "TeacherError": "edge_runtime.errors",
     "TeacherRejected": "edge_runtime.errors",
@@ -66,18 +75,27 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from edge_runtime import encryption, signing  # noqa: F401
     from edge_runtime.cache import AnswerCache, SemanticCache  # noqa: F401
     from edge_runtime.errors import (  # noqa: F401
+        ArchiveFormatError,
         ConfigError,
         DataFormatError,
         EdgeRuntimeError,
         ExpiredPackageError,
+        InvalidMemberNameError,
+        ManifestError,
         ModelError,
+        OversizeMemberError,
+        OversizePackageError,
         PackageError,
         PackageIntegrityError,
+        PackageLimitError,
+        PackageReadError,
         RollbackError,
         TeacherError,
         TeacherRejected,
         TeacherRetryLater,
         TeacherUnavailable,
+        TooManyMembersError,
+        UnsupportedSchemaVersionError,
     )
     from edge_runtime.escalation_log import EscalationLog  # noqa: F401
     from edge_runtime.package import ModelPackage, TrustPolicy, read_package  # noqa: F401

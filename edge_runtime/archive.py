@@ -34,7 +34,15 @@ import threading
 import zlib
 from typing import Any
 
-from edge_runtime.errors import PackageError, PackageIntegrityError
+from edge_runtime.errors import (
+    ArchiveFormatError,
+    InvalidMemberNameError,
+    OversizeMemberError,
+    OversizePackageError,
+    PackageIntegrityError,
+    PackageReadError,
+    TooManyMembersError,
+)
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "model.sig"
@@ -91,14 +99,16 @@ class Entry:
 
 
 def check_member_name(name: str, seen: set[str], label: str = "package") -> None:
-    """Raise PackageError unless ``name`` is a new relative POSIX path without empty, ``.``
-    or ``..`` parts; add it to ``seen``."""
+    """Raise InvalidMemberNameError unless ``name`` is a new relative POSIX path without
+    empty, ``.`` or ``..`` parts; add it to ``seen``."""
     if not name or name.startswith("/") or "\\" in name or ":" in name:
-        raise PackageError(f"{label}: member name {name!r} is not a relative POSIX path")
+        raise InvalidMemberNameError(
+            f"{label}: member name {name!r} is not a relative POSIX path")
     if any(part in ("..", ".", "") for part in name.split("/")):
-        raise PackageError(f"{label}: member name {name!r} contains an empty, '.' or '..' part")
+        raise InvalidMemberNameError(
+            f"{label}: member name {name!r} contains an empty, '.' or '..' part")
     if name in seen:
-        raise PackageError(f"{label}: member name {name!r} appears more than once")
+        raise InvalidMemberNameError(f"{label}: member name {name!r} appears more than once")
     seen.add(name)
 
 
@@ -133,7 +143,7 @@ class Archive:
         if isinstance(source, (bytes, bytearray, memoryview)):
             data = bytes(source)
             if len(data) > MAX_PACKAGE_BYTES:
-                raise PackageError(
+                raise OversizePackageError(
                     f"<bytes> is {len(data)} bytes; the limit is {MAX_PACKAGE_BYTES}")
             archive = cls("<bytes>", io.BytesIO(data), memoryview(data), owned=False)
             entries = archive._parse_directory(len(data), _Complete())
@@ -148,7 +158,7 @@ class Archive:
             with open(source, "rb", buffering=0) as handle:
                 size = os.fstat(handle.fileno()).st_size
                 if size > MAX_PACKAGE_BYTES:
-                    raise PackageError(
+                    raise OversizePackageError(
                         f"{label} is {size} bytes; the limit is {MAX_PACKAGE_BYTES}")
                 # The BytesIO is the only owner of this bytes object, so its buffer is
                 # writable in place; see take_prefix.
@@ -169,17 +179,17 @@ class Archive:
                 reader.raise_error()
                 handle.seek(size)
                 if handle.read(1):
-                    raise PackageError(f"{label} changed size while it was read; read it "
-                                       "again once the copy or download has finished")
+                    raise PackageReadError(f"{label} changed size while it was read; read "
+                                           "it again once the copy or download has finished")
         except FileNotFoundError:
-            raise PackageError(
+            raise PackageReadError(
                 f"package file not found: {label}; pass the path of a {PACKAGE_SUFFIX} file "
                 "(the default student is models/clinc150-student.edgepkg)"
             ) from None
         except IsADirectoryError:
-            raise PackageError(f"{label} is a folder; pass a {PACKAGE_SUFFIX} file") from None
+            raise PackageReadError(f"{label} is a folder; pass a {PACKAGE_SUFFIX} file") from None
         except OSError as exc:
-            raise PackageError(f"cannot read package {label}: {exc}") from exc
+            raise PackageReadError(f"cannot read package {label}: {exc}") from exc
         return archive
 
     # -- central directory ----------------------------------------------------------------
@@ -191,18 +201,18 @@ class Archive:
         (_, disk, directory_disk, disk_entries, total_entries, directory_size,
          directory_offset, _) = _END_RECORD.unpack(self.readonly[end:end + _END_RECORD.size])
         if disk or directory_disk or disk_entries != total_entries:
-            raise PackageError(f"{label} is a multi-disk (split) ZIP archive, which packages "
-                               "never are")
+            raise ArchiveFormatError(f"{label} is a multi-disk (split) ZIP archive, which "
+                                     "packages never are")
         if total_entries in _ZIP64_MARKERS or directory_size in _ZIP64_MARKERS \
                 or directory_offset in _ZIP64_MARKERS:
-            raise PackageError(f"{label} is a ZIP64 archive; packages are smaller than 4 GiB "
-                               "and never use ZIP64")
+            raise ArchiveFormatError(f"{label} is a ZIP64 archive; packages are smaller than "
+                                     "4 GiB and never use ZIP64")
         if total_entries > MAX_MEMBERS:
-            raise PackageError(f"{label} has {total_entries} members; the limit is "
-                               f"{MAX_MEMBERS}")
+            raise TooManyMembersError(f"{label} has {total_entries} members; the limit is "
+                                      f"{MAX_MEMBERS}")
         if directory_size > MAX_DIRECTORY_BYTES:
-            raise PackageError(f"{label}: its central directory is {directory_size} bytes; "
-                               f"the limit is {MAX_DIRECTORY_BYTES}")
+            raise OversizePackageError(f"{label}: its central directory is {directory_size} "
+                                       f"bytes; the limit is {MAX_DIRECTORY_BYTES}")
         if directory_offset + directory_size != end:
             raise PackageIntegrityError(
                 f"{label}: the central directory ({directory_size} bytes at offset "
@@ -230,8 +240,8 @@ class Archive:
             if position + _END_RECORD.size + comment_length == size:
                 return position
             position -= 1
-        raise PackageError(f"{self.label} is not a model package: not a ZIP archive (no end "
-                           "of central directory record at its end)")
+        raise ArchiveFormatError(f"{self.label} is not a model package: not a ZIP archive (no "
+                                 "end of central directory record at its end)")
 
     def _parse_entries(self, start: int, end: int, count: int) -> list[Entry]:
         label = self.label
@@ -259,19 +269,19 @@ class Archive:
                     f"{label}: central directory entry {index} runs past the directory")
             name = _decode_name(bytes(data[name_start:name_start + name_length]), flags)
             if name is None:
-                raise PackageError(f"{label}: central directory entry {index} has a name "
-                                   "that is not valid UTF-8")
+                raise InvalidMemberNameError(f"{label}: central directory entry {index} has a "
+                                             "name that is not valid UTF-8")
             check_member_name(name, seen, label)
             if version_needed & 0xFF > _MAX_VERSION_NEEDED:
-                raise PackageError(
+                raise ArchiveFormatError(
                     f"{label}: member {name!r} needs ZIP version "
                     f"{(version_needed & 0xFF) / 10:.1f}; packages need 2.0")
             if flags & _FLAGS_UNSUPPORTED:
-                raise PackageError(
+                raise ArchiveFormatError(
                     f"{label}: member {name!r} uses ZIP flags {flags:#06x} (ZIP encryption or "
                     "patch data), which packages never use")
             if method != _METHOD_STORED:
-                raise PackageError(
+                raise ArchiveFormatError(
                     f"{label}: member {name!r} is compressed (method {method}); package "
                     "members must be stored")
             if compressed_size != size:
@@ -279,15 +289,15 @@ class Archive:
                     f"{label}: stored member {name!r} has compressed size {compressed_size} "
                     f"and uncompressed size {size}; they must be equal")
             if disk_start or size in _ZIP64_MARKERS or header_offset in _ZIP64_MARKERS:
-                raise PackageError(f"{label}: member {name!r} uses a split-archive or ZIP64 "
-                                   "field, which packages never use")
+                raise ArchiveFormatError(f"{label}: member {name!r} uses a split-archive or "
+                                         "ZIP64 field, which packages never use")
             limit = MAX_MANIFEST_BYTES if name == MANIFEST_NAME else MAX_MEMBER_BYTES
             if size > limit:
-                raise PackageError(
+                raise OversizeMemberError(
                     f"{label}: member {name!r} is {size} bytes; the limit is {limit}")
             total += size
             if total > MAX_TOTAL_BYTES:
-                raise PackageError(
+                raise OversizePackageError(
                     f"{label}: members add up to more than {MAX_TOTAL_BYTES} bytes")
             entries.append(Entry(name, header_offset, size, crc))
         if position != end:
@@ -295,7 +305,7 @@ class Archive:
                 f"{label}: the central directory has {end - position} bytes after its "
                 f"{count} entries")
         if MANIFEST_NAME not in seen:
-            raise PackageError(f"{label} has no {MANIFEST_NAME}")
+            raise ArchiveFormatError(f"{label} has no {MANIFEST_NAME}")
         return entries
 
     # -- members --------------------------------------------------------------------------
@@ -438,8 +448,8 @@ def _read_exactly(handle: Any, buffer: memoryview, start: int, end: int, label: 
     while position < end:
         count = handle.readinto(buffer[position:end])
         if not count:
-            raise PackageError(f"{label} changed size while it was read; read it again once "
-                               "the copy or download has finished")
+            raise PackageReadError(f"{label} changed size while it was read; read it again "
+                                   "once the copy or download has finished")
         position += count
 
 
@@ -519,13 +529,13 @@ class _BackgroundRead:
 
     def _fail(self) -> None:
         self.raise_error()
-        raise PackageError(f"{self._label} changed size while it was read; read it again once "
-                           "the copy or download has finished")
+        raise PackageReadError(f"{self._label} changed size while it was read; read it again "
+                               "once the copy or download has finished")
 
     def raise_error(self) -> None:
         if self._error is not None:
             if isinstance(self._error, OSError):
-                raise PackageError(f"cannot read package {self._label}: {self._error}") \
+                raise PackageReadError(f"cannot read package {self._label}: {self._error}") \
                     from self._error
             raise self._error
 

@@ -6,6 +6,15 @@ can tell bad input data from a broken package or an unreachable teacher::
     EdgeRuntimeError
     ├── DataFormatError         a data file is malformed (names the file, line and field)
     ├── PackageError            a model package cannot be read or trusted
+    │   ├── PackageReadError        the file is missing, cannot be read or changed while read
+    │   ├── ArchiveFormatError      not a ZIP archive of the shape that packages have
+    │   ├── PackageLimitError       a size or count limit checked before any large allocation
+    │   │   ├── OversizePackageError    the file, its directory or all members are too large
+    │   │   ├── OversizeMemberError     one member is larger than its limit
+    │   │   └── TooManyMembersError     the archive has more members than the limit
+    │   ├── InvalidMemberNameError  a name is absolute, has a ``..`` part, repeats or is not UTF-8
+    │   ├── ManifestError           the manifest is not JSON or does not follow the schema
+    │   │   └── UnsupportedSchemaVersionError   a schema version this reader does not know
     │   ├── PackageIntegrityError   a member's digest or size differs from the manifest
     │   ├── RollbackError           the version is older than one already accepted
     │   ├── ExpiredPackageError     the package's expiry time has passed
@@ -51,6 +60,53 @@ class DataFormatError(EdgeRuntimeError, ValueError):
 
 class PackageError(EdgeRuntimeError):
     """A model package cannot be read, or fails a check."""
+
+
+class PackageReadError(PackageError):
+    """The package file cannot be read: it does not exist, is a folder, fails with an I/O
+    error, or changes size while it is read because a copy or download is still running."""
+
+
+class ArchiveFormatError(PackageError):
+    """The file is not a ZIP archive of the shape that the package writer produces.
+
+    Raised for a file without an end-of-central-directory record at its end (which includes a
+    download cut short), split-archive or ZIP64 fields, compressed or ZIP-encrypted members, a
+    ZIP version above 6.3, and an archive without ``manifest.json``.
+    """
+
+
+class PackageLimitError(PackageError):
+    """The package exceeds a size or count limit that the reader checks before it allocates
+    memory for the package's contents."""
+
+
+class OversizePackageError(PackageLimitError):
+    """The package file, its central directory or all its members together are larger than
+    the reader's limit."""
+
+
+class OversizeMemberError(PackageLimitError):
+    """A member's declared size is above the limit for one member (a lower one for
+    ``manifest.json``)."""
+
+
+class TooManyMembersError(PackageLimitError):
+    """The archive's central directory lists more members than the reader's limit."""
+
+
+class InvalidMemberNameError(PackageError):
+    """A member name is not a relative POSIX path without empty, ``.`` or ``..`` parts,
+    backslashes or colons, is not valid UTF-8, repeats, or (when writing) is reserved."""
+
+
+class ManifestError(PackageError):
+    """The manifest is not UTF-8 JSON, or breaks the schema: a missing key, a value of the
+    wrong type or out of range, or a model or tokenizer member that it does not list."""
+
+
+class UnsupportedSchemaVersionError(ManifestError):
+    """The manifest's ``schema_version`` is one that this reader does not support."""
 
 
 class PackageIntegrityError(PackageError):

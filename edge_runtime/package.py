@@ -45,8 +45,10 @@ from edge_runtime.archive import (  # noqa: F401 (limits and names re-exported f
 )
 from edge_runtime.errors import (
     ExpiredPackageError,
-    PackageError,
+    InvalidMemberNameError,
+    ManifestError,
     PackageIntegrityError,
+    UnsupportedSchemaVersionError,
 )
 from edge_runtime.rollback import RollbackState
 
@@ -207,7 +209,7 @@ def write_package(
         check_member_name(name, seen)
     for reserved in (MANIFEST_NAME, SIGNATURE_NAME):
         if reserved in members:
-            raise PackageError(f"member name {reserved!r} is reserved")
+            raise InvalidMemberNameError(f"member name {reserved!r} is reserved")
     manifest = dict(manifest)
     manifest["schema_version"] = SCHEMA_VERSION
     name, version = manifest.get("name"), manifest.get("version")
@@ -217,7 +219,8 @@ def write_package(
     if recipients or passphrase is not None:
         missing = [m for m in encrypt_members if m not in members]
         if missing:
-            raise PackageError(f"cannot encrypt members that do not exist: {missing}")
+            raise encryption.EncryptionError(
+                f"cannot encrypt members that do not exist: {missing}")
         content_key = encryption.generate_content_key()
         headers, plaintext_digests = {}, {}
         for member in encrypt_members:
@@ -397,7 +400,7 @@ def inspect_package(source: str | Path | bytes) -> dict[str, Any]:
     label, raw_members = read_archive(source)
     raw = _load_manifest_json(label, raw_members)
     if not isinstance(raw, dict):
-        raise PackageError(f"{label}: manifest is {type(raw).__name__}; expected a JSON object")
+        raise ManifestError(f"{label}: manifest is {type(raw).__name__}; expected a JSON object")
     return {"manifest": raw, "signed": SIGNATURE_NAME in raw_members,
             "archive_members": sorted(raw_members)}
 
@@ -407,7 +410,7 @@ def _load_manifest_json(label: str, raw_members: dict[str, bytes] | dict[str, me
     try:
         return json.loads(bytes(raw_members[MANIFEST_NAME]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PackageError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
+        raise ManifestError(f"{label}: {MANIFEST_NAME} is not valid UTF-8 JSON: {exc}") from None
 
 
 def _check_digests(label: str, raw: dict[str, Any], raw_members: dict[str, bytes],
@@ -459,10 +462,10 @@ def _parse_time(value: str, key: str, label: str) -> dt.datetime:
     try:
         parsed = dt.datetime.fromisoformat(value)
     except (TypeError, ValueError):
-        raise PackageError(f"{label}: manifest {key!r} is {value!r}; expected an ISO 8601 "
-                           "time with a UTC offset") from None
+        raise ManifestError(f"{label}: manifest {key!r} is {value!r}; expected an ISO 8601 "
+                            "time with a UTC offset") from None
     if parsed.tzinfo is None:
-        raise PackageError(f"{label}: manifest {key!r} is {value!r}; it needs a UTC offset")
+        raise ManifestError(f"{label}: manifest {key!r} is {value!r}; it needs a UTC offset")
     return parsed
 
 
@@ -562,14 +565,14 @@ def _decrypt_in_place(archive: Archive, name: str, sealed: encryption.EncryptedM
 
 def _require(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
     if key not in raw:
-        raise PackageError(f"{source}: manifest is missing the key {key!r}")
+        raise ManifestError(f"{source}: manifest is missing the key {key!r}")
     value = raw[key]
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         if isinstance(kind, type):
             expected = kind.__name__
         else:
             expected = " or ".join(k.__name__ for k in kind)
-        raise PackageError(
+        raise ManifestError(
             f"{source}: manifest key {key!r} is {type(value).__name__} {value!r:.60}; "
             f"expected {expected}"
         )
@@ -578,10 +581,10 @@ def _require(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], sourc
 
 def _parse_manifest(raw: Any, source: str) -> Manifest:
     if not isinstance(raw, dict):
-        raise PackageError(f"{source}: manifest is {type(raw).__name__}; expected a JSON object")
+        raise ManifestError(f"{source}: manifest is {type(raw).__name__}; expected a JSON object")
     schema = _require(raw, "schema_version", int, source)
     if schema != SCHEMA_VERSION:
-        raise PackageError(
+        raise UnsupportedSchemaVersionError(
             f"{source}: schema_version {schema} is not supported by this reader "
             f"(supports {SCHEMA_VERSION}); upgrade edge-runtime"
         )
@@ -594,16 +597,16 @@ def _parse_manifest(raw: Any, source: str) -> Manifest:
             or any(c not in "0123456789abcdef" for c in entry["sha256"])
             or not isinstance(entry.get("size"), int)
         ):
-            raise PackageError(
+            raise ManifestError(
                 f"{source}: manifest entry for member {name!r} needs 'sha256' (64 hex digits) "
                 "and 'size' (integer bytes)"
             )
 
     labels = _require(raw, "labels", list, source)
     if not labels or not all(isinstance(label, str) and label for label in labels):
-        raise PackageError(f"{source}: manifest 'labels' must be a non-empty list of strings")
+        raise ManifestError(f"{source}: manifest 'labels' must be a non-empty list of strings")
     if len(set(labels)) != len(labels):
-        raise PackageError(f"{source}: manifest 'labels' contains duplicates")
+        raise ManifestError(f"{source}: manifest 'labels' contains duplicates")
 
     model = _require(raw, "model", dict, source)
     tokenizer = _require(raw, "tokenizer", dict, source)
@@ -611,7 +614,8 @@ def _parse_manifest(raw: Any, source: str) -> Manifest:
     tokenizer_member = _require(tokenizer, "member", str, source + " [tokenizer]")
     for member in (model_member, tokenizer_member):
         if member not in members:
-            raise PackageError(f"{source}: manifest names member {member!r} but does not list it")
+            raise ManifestError(
+                f"{source}: manifest names member {member!r} but does not list it")
 
     gate = None
     if raw.get("gate") is not None:
@@ -623,15 +627,15 @@ def _parse_manifest(raw: Any, source: str) -> Manifest:
         except OverflowError:
             finite = False
         if not finite:
-            raise PackageError(f"{source}: gate temperature {temperature!r:.40} must be positive "
-                               "and finite")
+            raise ManifestError(f"{source}: gate temperature {temperature!r:.40} must be "
+                                "positive and finite")
         temperature = float(temperature)
         if not 0.0 <= threshold <= 1.0:
-            raise PackageError(f"{source}: gate threshold {threshold} must be within [0, 1]")
+            raise ManifestError(f"{source}: gate threshold {threshold} must be within [0, 1]")
         fitted_on = gate_raw.get("fitted_on")
         if fitted_on is not None and not isinstance(fitted_on, dict):
-            raise PackageError(f"{source}: gate 'fitted_on' must be an object or null, got "
-                               f"{type(fitted_on).__name__}")
+            raise ManifestError(f"{source}: gate 'fitted_on' must be an object or null, got "
+                                f"{type(fitted_on).__name__}")
         gate = GateSettings(
             temperature=temperature,
             threshold=float(threshold),
@@ -641,15 +645,15 @@ def _parse_manifest(raw: Any, source: str) -> Manifest:
     expires_at = raw.get("expires_at")
     if expires_at is not None:
         if not isinstance(expires_at, str):
-            raise PackageError(f"{source}: manifest 'expires_at' must be a string or null")
+            raise ManifestError(f"{source}: manifest 'expires_at' must be a string or null")
         _parse_time(expires_at, "expires_at", source)
     version = _require(raw, "version", int, source)
     if version < 0:
-        raise PackageError(f"{source}: manifest 'version' is {version}; expected 0 or more")
+        raise ManifestError(f"{source}: manifest 'version' is {version}; expected 0 or more")
 
     max_length = _require(model, "max_length", int, source + " [model]")
     if max_length < 2:
-        raise PackageError(f"{source}: model max_length {max_length} must be at least 2")
+        raise ManifestError(f"{source}: model max_length {max_length} must be at least 2")
     return Manifest(
         name=_require(raw, "name", str, source),
         version=version,

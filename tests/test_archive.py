@@ -5,16 +5,31 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
+import warnings
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edge_runtime import archive
 from edge_runtime.archive import MANIFEST_NAME, Archive
-from edge_runtime.errors import PackageError, PackageIntegrityError
+from edge_runtime.errors import (
+    ArchiveFormatError,
+    InvalidMemberNameError,
+    OversizeMemberError,
+    OversizePackageError,
+    PackageError,
+    PackageIntegrityError,
+    PackageLimitError,
+    PackageReadError,
+    TooManyMembersError,
+)
 
 MEMBERS = {
     MANIFEST_NAME: b'{"name": "archive-test"}',
@@ -34,6 +49,24 @@ def stored_zip(members: dict[str, bytes], comment: bytes = b"") -> bytes:
 
 def end_record_offset(data: bytes) -> int:
     return data.rindex(b"PK\x05\x06")
+
+
+def central_header_offset(data: bytes, name: str) -> int:
+    """Return where the central directory entry of member ``name`` starts."""
+    position = data.index(b"PK\x01\x02")
+    while True:
+        (name_length,) = struct.unpack_from("<H", data, position + 28)
+        if data[position + 46:position + 46 + name_length] == name.encode("utf-8"):
+            return position
+        position = data.index(b"PK\x01\x02", position + 1)
+
+
+@contextmanager
+def raises_exactly(error: type[Exception], match: str | None = None) -> Iterator[Any]:
+    """Expect exactly ``error``, not a subclass, because each check has its own class."""
+    with pytest.raises(error, match=match) as excinfo:
+        yield excinfo
+    assert type(excinfo.value) is error, f"{type(excinfo.value).__name__}: {excinfo.value}"
 
 
 def read_both(data: bytes, tmp_path: Path, hash_members: bool = True) -> list[Archive]:
@@ -74,7 +107,7 @@ def test_end_record_must_end_file(tmp_path: Path):
     for source in (data, tmp_path / "p.edgepkg"):
         if isinstance(source, Path):
             source.write_bytes(data)
-        with pytest.raises(PackageError, match="not a ZIP archive"):
+        with raises_exactly(ArchiveFormatError, match="not a ZIP archive"):
             Archive.read(source, hash_members=True)
 
 
@@ -119,7 +152,7 @@ def test_split_archive_fields_rejected(field: str, offset: int):
     end = end_record_offset(bytes(data))
     struct.pack_into("<H", data, end + offset, 1 if field != "entries on this disk" else 2)
 
-    with pytest.raises(PackageError, match="multi-disk"):
+    with raises_exactly(ArchiveFormatError, match="multi-disk"):
         Archive.read(bytes(data), hash_members=True)
 
 
@@ -128,7 +161,31 @@ def test_zip64_marker_rejected():
     end = end_record_offset(bytes(data))
     struct.pack_into("<I", data, end + 16, 0xFFFFFFFF)  # directory offset
 
-    with pytest.raises(PackageError, match="ZIP64"):
+    with raises_exactly(ArchiveFormatError, match="ZIP64"):
+        Archive.read(bytes(data), hash_members=True)
+
+
+def test_member_zip64_field_rejected():
+    data = bytearray(stored_zip(MEMBERS))
+    struct.pack_into("<H", data, central_header_offset(bytes(data), "model.onnx") + 34, 1)
+
+    with raises_exactly(ArchiveFormatError, match="'model.onnx' uses a split-archive or ZIP64"):
+        Archive.read(bytes(data), hash_members=True)
+
+
+def test_zip_encryption_flag_rejected():
+    data = bytearray(stored_zip(MEMBERS))
+    struct.pack_into("<H", data, central_header_offset(bytes(data), "model.onnx") + 8, 0x01)
+
+    with raises_exactly(ArchiveFormatError, match="'model.onnx' uses ZIP flags 0x0001"):
+        Archive.read(bytes(data), hash_members=True)
+
+
+def test_newer_zip_version_rejected():
+    data = bytearray(stored_zip(MEMBERS))
+    struct.pack_into("<H", data, central_header_offset(bytes(data), "model.onnx") + 6, 64)
+
+    with raises_exactly(ArchiveFormatError, match="needs ZIP version 6.4"):
         Archive.read(bytes(data), hash_members=True)
 
 
@@ -147,7 +204,7 @@ def test_compressed_member_rejected():
         target.writestr(MANIFEST_NAME, b"{}")
         target.writestr("model.onnx", b"x" * 1000, compress_type=zipfile.ZIP_DEFLATED)
 
-    with pytest.raises(PackageError, match="is compressed"):
+    with raises_exactly(ArchiveFormatError, match="is compressed"):
         Archive.read(buffer.getvalue(), hash_members=True)
 
 
@@ -185,15 +242,102 @@ def test_pinned_member_crc_left_to_digest():
 
 
 def test_missing_manifest_rejected():
-    with pytest.raises(PackageError, match="has no manifest.json"):
+    with raises_exactly(ArchiveFormatError, match="has no manifest.json"):
         Archive.read(stored_zip({"model.onnx": b"x"}), hash_members=True)
 
 
 def test_member_count_limit(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(archive, "MAX_MEMBERS", 2)
 
-    with pytest.raises(PackageError, match="has 3 members; the limit is 2"):
+    with raises_exactly(TooManyMembersError, match="has 3 members; the limit is 2"):
         Archive.read(stored_zip(MEMBERS), hash_members=True)
+
+
+def test_member_size_limit(monkeypatch: pytest.MonkeyPatch):
+    size = len(MEMBERS["model.onnx"])
+    monkeypatch.setattr(archive, "MAX_MEMBER_BYTES", size - 1)
+
+    with raises_exactly(OversizeMemberError, match=f"'model.onnx' is {size} bytes; the limit is"):
+        Archive.read(stored_zip(MEMBERS), hash_members=True)
+
+
+def test_manifest_size_limit(monkeypatch: pytest.MonkeyPatch):
+    size = len(MEMBERS[MANIFEST_NAME])
+    monkeypatch.setattr(archive, "MAX_MANIFEST_BYTES", size - 1)
+
+    with raises_exactly(OversizeMemberError, match=f"'manifest.json' is {size} bytes; the limit"):
+        Archive.read(stored_zip(MEMBERS), hash_members=True)
+
+
+def test_package_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    data = stored_zip(MEMBERS)
+    monkeypatch.setattr(archive, "MAX_PACKAGE_BYTES", len(data) - 1)
+    path = tmp_path / "p.edgepkg"
+    path.write_bytes(data)
+
+    for source in (data, path):
+        with raises_exactly(OversizePackageError, match=f"is {len(data)} bytes; the limit is"):
+            Archive.read(source, hash_members=True)
+
+
+def test_total_member_size_limit(monkeypatch: pytest.MonkeyPatch):
+    # Each member is under its own limit, but all of them together are one byte over.
+    monkeypatch.setattr(archive, "MAX_TOTAL_BYTES", sum(map(len, MEMBERS.values())) - 1)
+
+    with raises_exactly(OversizePackageError, match="members add up to more than"):
+        Archive.read(stored_zip(MEMBERS), hash_members=True)
+
+
+def test_central_directory_size_limit(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(archive, "MAX_DIRECTORY_BYTES", 100)
+
+    with raises_exactly(OversizePackageError, match="central directory is .* bytes; the limit"):
+        Archive.read(stored_zip(MEMBERS), hash_members=True)
+
+
+def test_limit_errors_share_a_base():
+    for error in (OversizePackageError, OversizeMemberError, TooManyMembersError):
+        assert issubclass(error, PackageLimitError)
+        assert issubclass(error, PackageError)
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("../escape.bin", "contains an empty, '.' or '..' part"),
+    ("/etc/passwd", "is not a relative POSIX path"),
+    ("models\\model.bin", "is not a relative POSIX path"),
+])
+def test_unsafe_member_name_rejected(name: str, problem: str):
+    data = stored_zip({**MEMBERS, name: b"payload"})
+
+    with raises_exactly(InvalidMemberNameError) as excinfo:
+        Archive.read(data, hash_members=True)
+    assert repr(name) in str(excinfo.value)
+    assert problem in str(excinfo.value)
+
+
+def test_repeated_member_name_rejected():
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns about the duplicate
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as target:
+            for name, data in MEMBERS.items():
+                target.writestr(name, data)
+            target.writestr("model.onnx", b"a second model")
+
+    with raises_exactly(InvalidMemberNameError, match="appears more than once"):
+        Archive.read(buffer.getvalue(), hash_members=True)
+
+
+def test_member_name_not_utf8_rejected():
+    data = bytearray(stored_zip(MEMBERS))
+    position = central_header_offset(bytes(data), "tokenizer.json")
+    flags_offset = position + 8
+    (flags,) = struct.unpack_from("<H", data, flags_offset)
+    struct.pack_into("<H", data, flags_offset, flags | 0x800)
+    data[position + 46] = 0xFF  # never valid in UTF-8
+
+    with raises_exactly(InvalidMemberNameError, match="name that is not valid UTF-8"):
+        Archive.read(bytes(data), hash_members=True)
 
 
 def test_large_directory_read_from_before_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -215,6 +359,43 @@ def test_file_shorter_than_directory_says(tmp_path: Path):
     path.write_bytes(data[:model_start + 10] + data[model_start + 110:])
 
     with pytest.raises(PackageIntegrityError, match="does not end where the end record"):
+        Archive.read(path, hash_members=True)
+
+
+def test_missing_file_is_read_error(tmp_path: Path):
+    with raises_exactly(PackageReadError, match="package file not found"):
+        Archive.read(tmp_path / "absent.edgepkg", hash_members=True)
+
+
+def test_folder_is_read_error(tmp_path: Path):
+    with raises_exactly(PackageReadError, match="is a folder"):
+        Archive.read(tmp_path, hash_members=True)
+
+
+def resize_after_stat(monkeypatch: pytest.MonkeyPatch, path: Path, change: int) -> None:
+    """Make the file at ``path`` grow or shrink by ``change`` bytes right after the reader
+    takes its size, as a copy or download in progress would."""
+    real_fstat = os.fstat
+    inode = path.stat().st_ino
+    resized = []
+
+    def fstat_then_resize(descriptor: int) -> os.stat_result:
+        result = real_fstat(descriptor)
+        if result.st_ino == inode and not resized:
+            os.truncate(path, result.st_size + change)
+            resized.append(change)
+        return result
+
+    monkeypatch.setattr(archive.os, "fstat", fstat_then_resize)
+
+
+@pytest.mark.parametrize("change", [-100, 100])
+def test_file_resized_while_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: int):
+    path = tmp_path / "p.edgepkg"
+    path.write_bytes(stored_zip(MEMBERS))
+    resize_after_stat(monkeypatch, path, change)
+
+    with raises_exactly(PackageReadError, match="changed size while it was read"):
         Archive.read(path, hash_members=True)
 
 

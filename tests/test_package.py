@@ -11,13 +11,32 @@ import io
 import json
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edge_runtime import archive
-from edge_runtime.errors import PackageError, PackageIntegrityError
-from edge_runtime.package import MANIFEST_NAME, MAX_MEMBERS, read_package, write_package
+from edge_runtime.encryption import EncryptionError
+from edge_runtime.errors import (
+    ArchiveFormatError,
+    InvalidMemberNameError,
+    ManifestError,
+    OversizeMemberError,
+    PackageIntegrityError,
+    PackageReadError,
+    TooManyMembersError,
+    UnsupportedSchemaVersionError,
+)
+from edge_runtime.package import (
+    MANIFEST_NAME,
+    MAX_MEMBERS,
+    inspect_package,
+    read_package,
+    write_package,
+)
 
 MODEL_BYTES = b"placeholder ONNX bytes " * 8
 TOKENIZER_BYTES = b'{"version": "1.0", "model": {"type": "WordPiece"}}'
@@ -61,6 +80,14 @@ def complete_manifest(members: dict[str, bytes], **changes) -> dict:
     }
     manifest.update(changes)
     return manifest
+
+
+@contextmanager
+def raises_exactly(error: type[Exception], match: str | None = None) -> Iterator[Any]:
+    """Expect exactly ``error``, not a subclass, because each check has its own class."""
+    with pytest.raises(error, match=match) as excinfo:
+        yield excinfo
+    assert type(excinfo.value) is error, f"{type(excinfo.value).__name__}: {excinfo.value}"
 
 
 def build_zip(entries: list[tuple[str, bytes]]) -> bytes:
@@ -200,14 +227,14 @@ def test_gate_null_means_no_gate():
 def test_write_package_rejects_manifest_member(tmp_path: Path):
     members = {**default_members(), MANIFEST_NAME: b"{}"}
 
-    with pytest.raises(PackageError, match="reserved"):
+    with raises_exactly(InvalidMemberNameError, match="reserved"):
         write_package(tmp_path / "p.edgepkg", minimal_manifest(), members)
 
 
 def test_write_package_rejects_parent_name(tmp_path: Path):
     members = {**default_members(), "../escape.bin": b"x"}
 
-    with pytest.raises(PackageError, match=r"\.\./escape\.bin"):
+    with raises_exactly(InvalidMemberNameError, match=r"\.\./escape\.bin"):
         write_package(tmp_path / "p.edgepkg", minimal_manifest(), members)
 
 
@@ -215,15 +242,27 @@ def test_write_package_invalid_manifest_writes_nothing(tmp_path: Path):
     manifest = minimal_manifest()
     manifest["gate"]["threshold"] = 1.5
 
-    with pytest.raises(PackageError, match="threshold"):
+    with raises_exactly(ManifestError, match="threshold"):
         write_package(tmp_path / "p.edgepkg", manifest, default_members())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_package_encrypt_missing_member(tmp_path: Path):
+    with raises_exactly(EncryptionError, match=r"do not exist: \['weights.bin'\]"):
+        write_package(
+            tmp_path / "p.edgepkg",
+            minimal_manifest(),
+            default_members(),
+            passphrase="development only",
+            encrypt_members=("model.onnx", "weights.bin"),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_write_package_unlisted_model_member(tmp_path: Path):
     members = {"tokenizer.json": TOKENIZER_BYTES}
 
-    with pytest.raises(PackageError, match="model.onnx"):
+    with raises_exactly(ManifestError, match="model.onnx"):
         write_package(tmp_path / "p.edgepkg", minimal_manifest(), members)
 
 
@@ -308,7 +347,7 @@ def test_unsafe_member_name_rejected(name: str):
     manifest = complete_manifest(members)
     data = build_package(manifest, {**members, name: b"payload"})
 
-    with pytest.raises(PackageError) as excinfo:
+    with raises_exactly(InvalidMemberNameError) as excinfo:
         read_package(data)
     assert repr(name) in str(excinfo.value)
 
@@ -321,7 +360,7 @@ def test_duplicate_member_rejected():
     entries.append(("model.onnx", b"a second model"))
     data = build_zip(entries)
 
-    with pytest.raises(PackageError) as excinfo:
+    with raises_exactly(InvalidMemberNameError) as excinfo:
         read_package(data)
     assert "'model.onnx'" in str(excinfo.value)
     assert "more than once" in str(excinfo.value)
@@ -333,7 +372,7 @@ def test_duplicate_manifest_rejected():
     entries = [(MANIFEST_NAME, manifest_bytes), (MANIFEST_NAME, manifest_bytes)]
     data = build_zip(entries + list(members.items()))
 
-    with pytest.raises(PackageError, match="more than once"):
+    with raises_exactly(InvalidMemberNameError, match="more than once"):
         read_package(data)
 
 
@@ -341,48 +380,55 @@ def test_duplicate_manifest_rejected():
 
 
 def test_not_a_zip_rejected():
-    with pytest.raises(PackageError, match="not a ZIP archive"):
+    with raises_exactly(ArchiveFormatError, match="not a ZIP archive"):
         read_package(b"this is plain text, not a package")
 
 
 def test_empty_bytes_rejected():
-    with pytest.raises(PackageError, match="not a ZIP archive"):
+    with raises_exactly(ArchiveFormatError, match="not a ZIP archive"):
         read_package(b"")
 
 
 def test_missing_file_rejected(tmp_path: Path):
     missing = tmp_path / "absent.edgepkg"
 
-    with pytest.raises(PackageError) as excinfo:
+    with raises_exactly(PackageReadError) as excinfo:
         read_package(missing)
     assert "not found" in str(excinfo.value)
     assert str(missing) in str(excinfo.value)
 
 
 def test_folder_path_rejected(tmp_path: Path):
-    with pytest.raises(PackageError, match="is a folder"):
+    with raises_exactly(PackageReadError, match="is a folder"):
         read_package(tmp_path)
 
 
 def test_zip_without_manifest_rejected():
     data = build_zip(list(default_members().items()))
 
-    with pytest.raises(PackageError, match="has no manifest.json"):
+    with raises_exactly(ArchiveFormatError, match="has no manifest.json"):
         read_package(data)
 
 
 def test_manifest_not_json_rejected():
     data = build_zip([(MANIFEST_NAME, b"{not json")] + list(default_members().items()))
 
-    with pytest.raises(PackageError, match="not valid UTF-8 JSON"):
+    with raises_exactly(ManifestError, match="not valid UTF-8 JSON"):
         read_package(data)
 
 
 def test_manifest_json_array_rejected():
     data = build_zip([(MANIFEST_NAME, b"[1, 2]")] + list(default_members().items()))
 
-    with pytest.raises(PackageError, match="expected a JSON object"):
+    with raises_exactly(ManifestError, match="expected a JSON object"):
         read_package(data)
+
+
+def test_inspect_manifest_json_array_rejected():
+    data = build_zip([(MANIFEST_NAME, b"[1, 2]")] + list(default_members().items()))
+
+    with raises_exactly(ManifestError, match="manifest is list; expected a JSON object"):
+        inspect_package(data)
 
 
 # Manifest schema
@@ -392,7 +438,7 @@ def test_unsupported_schema_version_rejected():
     members = default_members()
     data = build_package(complete_manifest(members, schema_version=3), members)
 
-    with pytest.raises(PackageError) as excinfo:
+    with raises_exactly(UnsupportedSchemaVersionError) as excinfo:
         read_package(data)
     assert "schema_version 3" in str(excinfo.value)
     assert "upgrade edge-runtime" in str(excinfo.value)
@@ -404,7 +450,7 @@ def test_gate_threshold_out_of_range(threshold: float):
     manifest = complete_manifest(members)
     manifest["gate"]["threshold"] = threshold
 
-    with pytest.raises(PackageError, match=f"gate threshold {threshold} must be within"):
+    with raises_exactly(ManifestError, match=f"gate threshold {threshold} must be within"):
         read_package(build_package(manifest, members))
 
 
@@ -425,7 +471,7 @@ def test_gate_temperature_not_positive(temperature: float):
     manifest = complete_manifest(members)
     manifest["gate"]["temperature"] = temperature
 
-    with pytest.raises(PackageError, match=f"gate temperature {temperature} must be positive"):
+    with raises_exactly(ManifestError, match=f"gate temperature {temperature} must be positive"):
         read_package(build_package(manifest, members))
 
 
@@ -434,7 +480,7 @@ def test_gate_threshold_bool_rejected():
     manifest = complete_manifest(members)
     manifest["gate"]["threshold"] = True
 
-    with pytest.raises(PackageError, match="'threshold' is bool"):
+    with raises_exactly(ManifestError, match="'threshold' is bool"):
         read_package(build_package(manifest, members))
 
 
@@ -446,7 +492,7 @@ def test_missing_manifest_key(key: str):
     manifest = complete_manifest(members)
     del manifest[key]
 
-    with pytest.raises(PackageError) as excinfo:
+    with raises_exactly(ManifestError) as excinfo:
         read_package(build_package(manifest, members))
     assert f"missing the key {key!r}" in str(excinfo.value)
 
@@ -457,7 +503,7 @@ def test_missing_model_key(key: str):
     manifest = complete_manifest(members)
     del manifest["model"][key]
 
-    with pytest.raises(PackageError) as excinfo:
+    with raises_exactly(ManifestError) as excinfo:
         read_package(build_package(manifest, members))
     assert f"missing the key {key!r}" in str(excinfo.value)
     assert "[model]" in str(excinfo.value)
@@ -467,7 +513,9 @@ def test_missing_tokenizer_member_key():
     members = default_members()
     manifest = complete_manifest(members, tokenizer={})
 
-    with pytest.raises(PackageError, match=r"\[tokenizer\]: manifest is missing the key 'member'"):
+    with raises_exactly(
+        ManifestError, match=r"\[tokenizer\]: manifest is missing the key 'member'"
+    ):
         read_package(build_package(manifest, members))
 
 
@@ -475,7 +523,7 @@ def test_version_wrong_type_rejected():
     members = default_members()
     data = build_package(complete_manifest(members, version="3"), members)
 
-    with pytest.raises(PackageError) as excinfo:
+    with raises_exactly(ManifestError) as excinfo:
         read_package(data)
     assert "'version' is str" in str(excinfo.value)
     assert "expected int" in str(excinfo.value)
@@ -486,7 +534,7 @@ def test_member_entry_without_digest():
     manifest = complete_manifest(members)
     manifest["members"]["model.onnx"] = {"size": len(MODEL_BYTES)}
 
-    with pytest.raises(PackageError, match="'model.onnx' needs 'sha256'"):
+    with raises_exactly(ManifestError, match="'model.onnx' needs 'sha256'"):
         read_package(build_package(manifest, members))
 
 
@@ -495,7 +543,7 @@ def test_invalid_labels_rejected(labels: list):
     members = default_members()
     data = build_package(complete_manifest(members, labels=labels), members)
 
-    with pytest.raises(PackageError, match="non-empty list of strings"):
+    with raises_exactly(ManifestError, match="non-empty list of strings"):
         read_package(data)
 
 
@@ -503,7 +551,7 @@ def test_duplicate_labels_rejected():
     members = default_members()
     data = build_package(complete_manifest(members, labels=["oos", "timer", "oos"]), members)
 
-    with pytest.raises(PackageError, match="'labels' contains duplicates"):
+    with raises_exactly(ManifestError, match="'labels' contains duplicates"):
         read_package(data)
 
 
@@ -512,7 +560,7 @@ def test_max_length_below_two():
     manifest = complete_manifest(members)
     manifest["model"]["max_length"] = 1
 
-    with pytest.raises(PackageError, match="max_length 1 must be at least 2"):
+    with raises_exactly(ManifestError, match="max_length 1 must be at least 2"):
         read_package(build_package(manifest, members))
 
 
@@ -526,7 +574,7 @@ def test_too_many_members_rejected():
     # With the manifest the archive has MAX_MEMBERS + 1 entries.
     data = build_package(complete_manifest(members), members)
 
-    with pytest.raises(PackageError) as excinfo:
+    with raises_exactly(TooManyMembersError) as excinfo:
         read_package(data)
     assert f"has {MAX_MEMBERS + 1} members" in str(excinfo.value)
     assert f"the limit is {MAX_MEMBERS}" in str(excinfo.value)
@@ -546,7 +594,7 @@ def test_member_over_size_limit(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(archive, "MAX_MEMBER_BYTES", 4096)
     members = {**default_members(), "model.onnx": bytes(4097)}
 
-    with pytest.raises(PackageError) as excinfo:
+    with raises_exactly(OversizeMemberError) as excinfo:
         read_package(build_package(complete_manifest(members), members))
     assert "'model.onnx' is 4097 bytes" in str(excinfo.value)
     assert "the limit is 4096" in str(excinfo.value)
@@ -556,5 +604,5 @@ def test_manifest_over_size_limit(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(archive, "MAX_MANIFEST_BYTES", 64)
     members = default_members()
 
-    with pytest.raises(PackageError, match="'manifest.json' is .* bytes; the limit is 64"):
+    with raises_exactly(OversizeMemberError, match="'manifest.json' is .* bytes; the limit is 64"):
         read_package(build_package(complete_manifest(members), members))

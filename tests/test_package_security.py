@@ -38,7 +38,9 @@ from hypothesis import strategies as st
 from edge_runtime import encryption, signing
 from edge_runtime.encryption import DecryptionError, WrongRecipientError
 from edge_runtime.errors import (
+    ArchiveFormatError,
     ExpiredPackageError,
+    ManifestError,
     PackageError,
     PackageIntegrityError,
     RollbackError,
@@ -383,8 +385,9 @@ def test_central_version_above_63_rejected(sealed_bytes: bytes, strict: TrustPol
     data = bytearray(sealed_bytes)
     data[central_version_offsets(sealed_bytes)[0]] = MAX_ZIP_EXTRACT_VERSION + 1
 
-    with pytest.raises(PackageError):
+    with pytest.raises(ArchiveFormatError) as excinfo:
         read_package(bytes(data), strict)
+    assert type(excinfo.value) is ArchiveFormatError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,16 +734,18 @@ def signed_with_gate(keys: Keys, gate: dict[str, Any]) -> bytes:
 def test_gate_temperature_huge_integer(keys: Keys, strict: TrustPolicy):
     data = signed_with_gate(keys, {"temperature": 10**400, "threshold": 0.5})
 
-    with pytest.raises(PackageError):
+    with pytest.raises(ManifestError) as excinfo:
         read_package(data, strict)
+    assert type(excinfo.value) is ManifestError
 
 
 @pytest.mark.parametrize("fitted_on", ["validation", [1, 2], 7])
 def test_gate_fitted_on_not_object(keys: Keys, strict: TrustPolicy, fitted_on: Any):
     data = signed_with_gate(keys, {"temperature": 1.5, "threshold": 0.5, "fitted_on": fitted_on})
 
-    with pytest.raises(PackageError):
+    with pytest.raises(ManifestError) as excinfo:
         read_package(data, strict)
+    assert type(excinfo.value) is ManifestError
 
 
 def manifest_with_long_integer() -> bytes:
@@ -753,8 +758,9 @@ def manifest_with_long_integer() -> bytes:
 
 @pytest.mark.parametrize("reader", [read_package, inspect_package])
 def test_manifest_long_integer(reader: Callable[[bytes], Any]):
-    with pytest.raises(PackageError):
+    with pytest.raises(ManifestError) as excinfo:
         reader(manifest_with_long_integer())
+    assert type(excinfo.value) is ManifestError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1077,15 +1083,17 @@ def test_expiry_without_offset_rejected(keys: Keys):
     data = hand_built(base_manifest(expires_at="2030-01-01T00:00:00"), MEMBERS,
                       signer=keys.signer)
 
-    with pytest.raises(PackageError) as excinfo:
+    with pytest.raises(ManifestError) as excinfo:
         read_package(data, policy_at(keys, EXPIRY - dt.timedelta(days=1)))
+    assert type(excinfo.value) is ManifestError
     assert "'2030-01-01T00:00:00'" in str(excinfo.value)
     assert "needs a UTC offset" in str(excinfo.value)
 
 
 def test_writer_rejects_expiry_without_offset(keys: Keys, tmp_path: Path):
-    with pytest.raises(PackageError, match="needs a UTC offset"):
+    with pytest.raises(ManifestError, match="needs a UTC offset") as excinfo:
         write_signed(tmp_path / "p.edgepkg", keys.signer, expires_at="2030-01-01T00:00:00")
+    assert type(excinfo.value) is ManifestError
     assert list(tmp_path.iterdir()) == []
 
 

@@ -32,6 +32,12 @@ REQUIRED_REJECTIONS = {
     "path-traversal",
     "oversize-member",
 }
+# Each archive or member-name check has its own error class, which the vectors name exactly.
+ARCHIVE_CHECK_ERRORS = {
+    "path-traversal": "InvalidMemberNameError",
+    "oversize-member": "OversizeMemberError",
+    "too-many-members": "TooManyMembersError",
+}
 
 
 def committed_set() -> dict[str, Any]:
@@ -104,6 +110,18 @@ def test_expected_errors_are_package_errors():
                 if issubclass(base, errors.PackageError)
             ]
             assert data["errors"][vector["error"]] == bases
+
+
+def test_archive_vectors_name_exact_errors():
+    rejected = {
+        vector["name"]: vector["error"]
+        for vector in committed_set()["vectors"]
+        if vector["verdict"] == "reject"
+    }
+
+    for name, error in ARCHIVE_CHECK_ERRORS.items():
+        assert rejected[name] == error, name
+    assert "PackageError" not in rejected.values()
 
 
 def test_keys_marked_test_only():
@@ -196,6 +214,17 @@ WRONG_EXPECTATIONS = [
         "valid",
         lambda vector: vector.update(verdict="reject", error="PackageError"),
         "expected PackageError, got accepted",
+    ),
+    # The runner compares exact classes, so a base of the raised class does not match.
+    (
+        "path-traversal",
+        lambda vector: vector.update(error="PackageError"),
+        "expected PackageError (member-names), got InvalidMemberNameError",
+    ),
+    (
+        "oversize-member",
+        lambda vector: vector.update(error="PackageLimitError"),
+        "expected PackageLimitError (archive), got OversizeMemberError",
     ),
 ]
 

@@ -42,9 +42,12 @@ from edge_runtime import conformance, encryption, signing
 from edge_runtime.archive import MANIFEST_NAME, MAX_MEMBER_BYTES, MAX_MEMBERS, SIGNATURE_NAME
 from edge_runtime.errors import (
     ExpiredPackageError,
+    InvalidMemberNameError,
+    OversizeMemberError,
     PackageError,
     PackageIntegrityError,
     RollbackError,
+    TooManyMembersError,
 )
 from edge_runtime.package import read_archive, write_package
 
@@ -759,7 +762,7 @@ def build_vectors(keys: VectorKeys) -> list[Vector]:
             "path-traversal",
             "the tokenizer is stored as ../tokenizer.json, listed and signed under that name",
             pack(traversal, keys.signer),
-            PackageError,
+            InvalidMemberNameError,
             "member-names",
         )
     )
@@ -770,7 +773,7 @@ def build_vectors(keys: VectorKeys) -> list[Vector]:
             f"the ZIP records declare tokenizer.json as {MAX_MEMBER_BYTES + 1} bytes, one over the "
             "512 MiB member limit, which the reader checks before it reads any member",
             declare_member_size(valid, "tokenizer.json", MAX_MEMBER_BYTES + 1),
-            PackageError,
+            OversizeMemberError,
             "archive",
         )
     )
@@ -785,7 +788,7 @@ def build_vectors(keys: VectorKeys) -> list[Vector]:
             f"{MAX_MEMBERS + 1} members, one over the limit of {MAX_MEMBERS}; all listed and "
             "signed",
             pack(crowded, keys.signer),
-            PackageError,
+            TooManyMembersError,
             "archive",
         )
     )
@@ -802,6 +805,9 @@ def error_table(vectors: list[Vector]) -> dict[str, list[str]]:
             PackageIntegrityError,
             RollbackError,
             ExpiredPackageError,
+            InvalidMemberNameError,
+            OversizeMemberError,
+            TooManyMembersError,
             signing.SignatureError,
             signing.InvalidSignatureError,
             signing.UnknownSignerError,
