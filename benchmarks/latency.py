@@ -94,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     picked = [texts[i] for i in rng.choice(len(texts), size=args.queries + args.warmup)]
     feeds = encode_all(tokenizer, picked)
     model_feeds = {m: feeds for m in MODELS}
-    # A build with student.trim_vocabulary writes the int8 student's own tokenizer.
+    # A build with student.trim_vocabulary writes the student's own tokenizer, which both
+    # student models read because the build trims the vocabulary before distillation.
     trimmed = build_dir / "student-tokenizer.json"
     if trimmed.is_file():
         student_tokenizer = Tokenizer.from_file(str(trimmed))
         student_tokenizer.no_padding()
-        model_feeds["student-int8"] = encode_all(student_tokenizer, picked)
+        student_feeds = encode_all(student_tokenizer, picked)
+        model_feeds["student-fp32"] = model_feeds["student-int8"] = student_feeds
     start = time.perf_counter()
     for text in picked[: args.queries]:
         tokenizer.encode(text)

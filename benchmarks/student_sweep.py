@@ -11,10 +11,11 @@ build --config export/configs/clinc150.toml``), whose ``teacher-fp32.onnx``,
 
 1. Students. The fine-tuned teacher is loaded back from ``teacher-fp32.onnx``
    (``export.onnx_import``); each student is cut from its layers (STUDENTS), its embedding
-   table factorized if it has a rank, and distilled with the ``[student]`` recipe of
-   ``--config`` on the train split, then exported to fp32 ONNX and checked against PyTorch.
-   A student of an earlier run in ``--work-dir`` is reused, and so is the build's own student
-   for the layers of ``--config``.
+   table factorized if it has a rank, and distilled on the train split with SWEEP_RECIPE
+   (3 epochs, T = 2, alpha 0.5) and the other ``[student]`` settings of ``--config``, then
+   exported to fp32 ONNX and checked against PyTorch. A student of an earlier run in
+   ``--work-dir`` is reused, and so is the build's own student when its report shows the
+   same layers and recipe.
 2. Vocabulary trimming: each fp32 student is also trimmed (``export.vocab``) to the tokens of
    the train and validation splits plus the coverage tokens.
 3. Quantization: every fp32 model (trimmed or not) through every recipe in RECIPES.
@@ -31,6 +32,7 @@ Writes ``<results>.json``, ``<results>.md`` and ``<results>.png`` (the front).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -114,6 +116,18 @@ LATENCY_QUERIES = 1000
 LATENCY_WARMUP = 100
 LATENCY_ROUNDS = 5
 LOCAL_SHARE_GOAL = 0.85
+# The distillation recipe of the swept students: the [student] recipe of the default build
+# when the sweep was first run. Pinned, so that later changes to the default config (which
+# now distils its own student differently) do not change the swept students.
+SWEEP_RECIPE = {
+    "epochs": 3,
+    "alpha": 0.5,
+    "temperature": 2.0,
+    "embedding_rank": 0,
+    "intermediate_size": 0,
+    "trim_vocabulary": False,
+    "transfer_file": "",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,13 +376,14 @@ def train_students(
     """Return student name -> fp32 ONNX file, distilling those an earlier run did not leave."""
     paths = {name: work / name / "student-fp32.onnx" for name in students}
     built = build_dir / "student-fp32.onnx"
+    recipe = dataclasses.replace(config.student, **SWEEP_RECIPE)
     for name in students:
         spec = STUDENTS[name]
         if (
             not paths[name].is_file()
             and built.is_file()
             and spec["embedding_rank"] == 0
-            and (tuple(config.student.layers) == spec["layers"])
+            and _built_with_recipe(build_dir, spec["layers"], recipe)
         ):
             # The build distilled this student with the same recipe.
             progress(f"reusing the student of {build_dir} as {name}")
@@ -412,7 +427,7 @@ def train_students(
             kept = factorize_word_embeddings(student, rank)
             progress(f"rank {rank} keeps {kept:.1%} of the embedding table's squared norm")
         distil_student(
-            student, tokenizer, train_texts, train_labels, soft_targets, config.student, config.seed
+            student, tokenizer, train_texts, train_labels, soft_targets, recipe, config.seed
         )
         partial = paths[name].with_suffix(".partial.onnx")
         export_onnx(student, partial, train_texts, tokenizer)
@@ -457,6 +472,20 @@ def built_student(build: Path) -> dict:
             "epochs": report["config"]["student"]["epochs"],
         },
     }
+
+
+def _built_with_recipe(build_dir: Path, layers: tuple, recipe) -> bool:
+    """Whether the build's student-fp32.onnx is the student the sweep would distil: the same
+    layers and recipe, no embedding factorization, feed-forward narrowing, trim or transfer."""
+    report_path = build_dir / "build_report.json"
+    if not report_path.is_file():
+        return False
+    built = json.loads(report_path.read_text())["config"]["student"]
+    wanted = {**dataclasses.asdict(recipe), "layers": list(layers)}
+    plain = {"embedding_rank": 0, "intermediate_size": 0, "trim_vocabulary": False,
+             "transfer_file": ""}
+    return all(built.get(key, plain.get(key)) == value
+               for key, value in {**wanted, **plain}.items())
 
 
 def trimmed_vocabulary(tokenizer_json: str, train: list, val: list):
@@ -736,9 +765,11 @@ def render_markdown(results: dict) -> str:
             f"{name} {spec['layers']} {spec['embedding_rank']}"
             for name, spec in results["students"].items()
         )
-        + f"; distilled with the recipe of "
-        f"`{results['config']}`. Trimmed: {vocabulary['kept']:,} of {vocabulary['original']:,} "
-        f"tokens ({vocabulary['from_corpus']:,} from the train and validation splits, "
+        + f"; distilled for {SWEEP_RECIPE['epochs']} epochs at T = "
+        f"{SWEEP_RECIPE['temperature']:g}, alpha {SWEEP_RECIPE['alpha']:g}, with the other "
+        f"settings of `{results['config']}`. Trimmed: {vocabulary['kept']:,} of "
+        f"{vocabulary['original']:,} tokens ({vocabulary['from_corpus']:,} from the train and "
+        "validation splits, "
         f"{vocabulary['for_coverage']:,} more so that any text tokenizes). Gate: fitted on "
         f"validation with the build's target (at most {results['calibration_target']:.1%} of "
         "local answers disagree with the int8 teacher), cascade on test with the int8 teacher. "

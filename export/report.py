@@ -96,8 +96,12 @@ def render_markdown(report: dict) -> str:
         f"- Student: {student['initialised_from']}, {student['parameters']:,} parameters, "
         f"distilled at T={student['distillation']['temperature']} with "
         f"alpha={student['distillation']['alpha']}"
+        + (f"; feed-forward width {student['intermediate_size']}"
+           if student.get("intermediate_size") else "")
         + (f"; word embeddings at rank {student['embedding_rank']}"
            if student.get("embedding_rank") else "")
+        + (f"; {student['examples']['transfer']:,} unlabelled transfer sentences"
+           if student.get("examples", {}).get("transfer") else "")
         + (f"; vocabulary trimmed to {student['vocabulary']['kept']:,} of "
            f"{student['vocabulary']['original']:,} tokens" if student.get("vocabulary") else "")
         + ".",

@@ -44,7 +44,13 @@ def test_clinc150_config_values():
     assert config.teacher.epochs == 3
     assert config.student.layers == (0, 5)
     assert config.student.temperature == 2.0
-    assert config.student.alpha == 0.5
+    assert config.student.alpha == 1.0
+    assert config.student.epochs == 5
+    assert config.student.embedding_rank == 192
+    assert config.student.intermediate_size == 1024
+    assert config.student.trim_vocabulary is True
+    assert config.student.transfer_file == "../shared/data/wiki_sentences/all_wiki_sents.txt"
+    assert config.output.version == 2
     assert config.calibration.max_disagreement == 0.02
     assert config.output.dir == "build/clinc150"
     assert config.output.models_dir == "models"

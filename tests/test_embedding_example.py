@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge_runtime import EdgeRuntime
+from edge_runtime.package import inspect_package
 from tests.conftest import (
     DEVICE_PRIVATE,
     MODELS_DIR,
@@ -130,7 +131,7 @@ def test_records_accepted_version(tmp_path: Path):
 
     assert result.returncode == 0, result.stderr
     assert [key.split("/", 1)[1] for key in state["accepted"]] == ["clinc150-student"]
-    assert list(state["accepted"].values()) == [1]
+    assert list(state["accepted"].values()) == [inspect_package(STUDENT)["manifest"]["version"]]
 
 
 def test_unreachable_teacher_answers_offline(
