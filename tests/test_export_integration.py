@@ -245,7 +245,7 @@ def test_extra_examples_distilled(package_mode_build):
     examples = 320 + 8 * EXTRA_PER_LABEL
 
     assert student["examples"] == {"train": 320, "extra_train": 8 * EXTRA_PER_LABEL,
-                                   "extra_train_weight": 2.0}
+                                   "extra_train_weight": 2.0, "transfer": 0}
     assert student["distillation"]["steps"] == math.ceil(examples / 32) * 2
 
 
