@@ -237,16 +237,11 @@ def percent(share: float | None) -> str:
 def machine_description() -> dict:
     import onnxruntime
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from edge_runtime.bench import describe_cpu, read_cpuinfo
+
+    cpu = describe_cpu(read_cpuinfo(), platform.machine(), platform.processor())
     return {
-        "cpu": cpu,
+        "cpu": cpu["cpu_model"],
         "machine": platform.machine(),
         "platform": platform.platform(),
         "python": platform.python_version(),

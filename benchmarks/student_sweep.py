@@ -721,20 +721,13 @@ def command_line(args: argparse.Namespace) -> str:
 def machine_description() -> dict:
     import onnxruntime
 
-    cpu = "unknown"
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                present = set(line.split(":", 1)[1].split())
-                flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in present]
-    except OSError:
-        pass
+    from edge_runtime.bench import describe_cpu, read_cpuinfo
+
+    cpu = describe_cpu(read_cpuinfo(), platform.machine(), platform.processor())
+    present = cpu["isa_flags"] or {}
     return {
-        "cpu": cpu,
-        "isa": flags,
+        "cpu": cpu["cpu_model"],
+        "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if present.get(f)],
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "python": platform.python_version(),

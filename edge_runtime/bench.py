@@ -348,6 +348,15 @@ def parse_cpuinfo(text: str) -> dict[str, str]:
     return fields
 
 
+def read_cpuinfo() -> dict[str, str]:
+    """Return the parsed fields of /proc/cpuinfo, or an empty dict where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            return parse_cpuinfo(handle.read())
+    except OSError:
+        return {}
+
+
 def describe_cpu(fields: dict[str, str], machine: str, processor: str) -> dict[str, Any]:
     """Return the CPU model, where it was read, and the int8 instruction-set flags.
 
@@ -416,11 +425,7 @@ def machine_info() -> dict[str, Any]:
     import onnxruntime
     import tokenizers
 
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            fields = parse_cpuinfo(handle.read())
-    except OSError:
-        fields = {}
+    fields = read_cpuinfo()
     info = describe_cpu(fields, platform.machine(), platform.processor())
     board = read_board_model() or fields.get("Model")
     try:
