@@ -445,8 +445,8 @@ def train_students(
 
 
 def built_student(build: Path) -> dict:
-    """The int8 student of a finished build, as a sweep model, with the build keys that shaped
-    it."""
+    """Return the int8 student of a finished build as a sweep model, with the build keys that
+    shaped it."""
     report = json.loads((build / "build_report.json").read_text())
     student = report["stages"]["student"]
     quantization = report["config"]["quantization"]
@@ -475,17 +475,18 @@ def built_student(build: Path) -> dict:
 
 
 def _built_with_recipe(build_dir: Path, layers: tuple, recipe) -> bool:
-    """Whether the build's student-fp32.onnx is the student the sweep would distil: the same
-    layers and recipe, no embedding factorization, feed-forward narrowing, trim or transfer."""
+    """Return whether the build's student-fp32.onnx is the student the sweep would distil: the
+    same layers and recipe, and no embedding factorization, feed-forward narrowing, trim or
+    transfer."""
     report_path = build_dir / "build_report.json"
     if not report_path.is_file():
         return False
     built = json.loads(report_path.read_text())["config"]["student"]
-    wanted = {**dataclasses.asdict(recipe), "layers": list(layers)}
+    expected = {**dataclasses.asdict(recipe), "layers": list(layers)}
     plain = {"embedding_rank": 0, "intermediate_size": 0, "trim_vocabulary": False,
              "transfer_file": ""}
     return all(built.get(key, plain.get(key)) == value
-               for key, value in {**wanted, **plain}.items())
+               for key, value in {**expected, **plain}.items())
 
 
 def trimmed_vocabulary(tokenizer_json: str, train: list, val: list):

@@ -379,8 +379,8 @@ def build(config: BuildConfig) -> dict:
 
 
 def load_transfer_texts(config: BuildConfig, held_out: list[Example]) -> list[str]:
-    """The lines of ``student.transfer_file`` (up to ``student.transfer_limit``), stripped,
-    without empty lines, repeats, and sentences of the validation or test split."""
+    """Read the lines of ``student.transfer_file`` (up to ``student.transfer_limit``) and return
+    them stripped, without empty lines, repeats, or sentences of the validation or test split."""
     path = config.student.transfer_file
     if not path:
         return []
@@ -391,12 +391,12 @@ def load_transfer_texts(config: BuildConfig, held_out: list[Example]) -> list[st
                           "give a text file with one sentence per line") from None
     if config.student.transfer_limit:
         lines = lines[:config.student.transfer_limit]
-    held = {normalize_text(e.text) for e in held_out}
+    held_out_texts = {normalize_text(e.text) for e in held_out}
     texts, seen = [], set()
     for line in lines:
         text = line.strip()
         key = normalize_text(text)
-        if text and key not in seen and key not in held:
+        if text and key not in seen and key not in held_out_texts:
             seen.add(key)
             texts.append(text)
     if not texts:

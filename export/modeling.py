@@ -140,13 +140,13 @@ def narrow_feed_forward(model: SentenceClassifier, width: int) -> None:
         if not 0 < width <= expand.out_features:
             raise ValueError(f"width is {width}; it must be between 1 and {expand.out_features}")
         importance = expand.weight.norm(dim=1) * shrink.weight.norm(dim=0)  # (1536,)
-        kept = importance.topk(width).indices.sort().values
+        kept_neurons = importance.topk(width).indices.sort().values
         narrow_expand = nn.Linear(expand.in_features, width)
         narrow_shrink = nn.Linear(width, shrink.out_features)
         with torch.no_grad():
-            narrow_expand.weight.copy_(expand.weight[kept])
-            narrow_expand.bias.copy_(expand.bias[kept])
-            narrow_shrink.weight.copy_(shrink.weight[:, kept])
+            narrow_expand.weight.copy_(expand.weight[kept_neurons])
+            narrow_expand.bias.copy_(expand.bias[kept_neurons])
+            narrow_shrink.weight.copy_(shrink.weight[:, kept_neurons])
             narrow_shrink.bias.copy_(shrink.bias)
         layer.intermediate.dense, layer.output.dense = narrow_expand, narrow_shrink
     model.encoder.config.intermediate_size = width

@@ -410,8 +410,8 @@ class TrimmedVocabulary:
 def trimmed_tokenizer(
     tokenizer_json: str, corpus_texts: Sequence[str]
 ) -> tuple[str, VocabularySelection]:
-    """The tokenizer trimmed to the tokens of ``corpus_texts`` plus the coverage tokens, with
-    its remap checked, and the selection behind it."""
+    """Trim the tokenizer to the tokens of ``corpus_texts`` plus the coverage tokens, check its
+    remap, and return it with the selection behind it."""
     selection = select_vocabulary(tokenizer_json, corpus_texts)
     trimmed_json = trim_tokenizer(tokenizer_json, selection.kept_ids)
     check_tokenizer_remap(tokenizer_json, trimmed_json, selection.kept_ids)

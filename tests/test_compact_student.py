@@ -81,7 +81,9 @@ def test_feed_forward_narrowed(compact_build):
     model = onnx.load(str(out / "student-int8.onnx"))
     shapes = [tuple(numpy_helper.to_array(i).shape) for i in model.graph.initializer]
 
-    assert (384, 256) in shapes and (256, 384) in shapes  # the two MatMul weights, (in, out)
+    # The two MatMul weights of the feed-forward block, (in, out).
+    assert (384, 256) in shapes
+    assert (256, 384) in shapes
     assert not any(1536 in shape for shape in shapes)
     assert report["stages"]["student"]["intermediate_size"] == 256
 

@@ -85,12 +85,12 @@ def test_kept_rows_read_remapped_ids(rank):
     if rank:
         factorize_word_embeddings(model, rank)
     full_ids = [[1, 17, 30, 2], [1, 5, 2, 0]]
-    kept = np.array([0, 1, 2, 5, 17, 30])
-    new_id = {int(old): new for new, old in enumerate(kept)}
+    kept_ids = np.array([0, 1, 2, 5, 17, 30])
+    new_id = {int(old): new for new, old in enumerate(kept_ids)}
     with torch.inference_mode():
         expected = model(*inputs(full_ids)).numpy()
 
-    keep_token_rows(model, kept)
+    keep_token_rows(model, kept_ids)
 
     remapped = [[new_id[i] for i in row] for row in full_ids]
     with torch.inference_mode():
