@@ -436,17 +436,11 @@ def machine_info() -> dict:
 
     import onnxruntime
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+    from edge_runtime.bench import this_cpu
+
+    return {"cpu": this_cpu()["cpu_model"], "logical_cpus": os.cpu_count(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "platform": platform.platform()}
 
 
 def format_markdown(report: dict) -> str:

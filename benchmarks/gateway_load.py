@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -84,6 +83,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from edge_runtime.bench import this_cpu  # noqa: E402
 from edge_runtime.data import load_split  # noqa: E402
 from edge_runtime.gateway.backends import MAX_RESPONSE_BYTES, limit_output  # noqa: E402
 from edge_runtime.gateway.config import LimitsConfig  # noqa: E402
@@ -747,12 +747,7 @@ def format_notes(report: dict) -> list[str]:
 
 
 def machine_info(redis_binary: str | None) -> dict:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = this_cpu()["cpu_model"]
     versions = {}
     for package in ("onnxruntime", "httpx", "uvicorn", "starlette", "redis"):
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -26,6 +27,7 @@ from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edge_runtime.bench import this_cpu  # noqa: E402
 from edge_runtime.data import load_split  # noqa: E402
 
 MODELS = ("teacher-fp32", "teacher-int8", "student-fp32", "student-int8")
@@ -49,16 +51,6 @@ def encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[dict[str, np.ndar
             "attention_mask": np.asarray([encoding.attention_mask], dtype=np.int64),
         })
     return feeds
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         }
     ratio = results["teacher-fp32"]["median_ms"] / results["student-int8"]["median_ms"]
     mean_tokens = float(np.mean([f["input_ids"].shape[1] for f in feeds]))
+    cpu = this_cpu()
     machine = {
-        "cpu": cpu_name(), "cores": __import__("os").cpu_count(), "machine": platform.machine(),
-        "python": platform.python_version(), "onnxruntime": ort.__version__,
+        "cpu": cpu["cpu_model"], "isa_flags": cpu["isa_flags"], "cores": os.cpu_count(),
+        "machine": platform.machine(), "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
     }
 
     print(f"{args.queries} queries per model in {args.rounds} blocks, each after a warm-up, "

@@ -526,14 +526,9 @@ def build_summary(report: dict) -> dict:
 
 
 def machine_description() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from edge_runtime.bench import this_cpu
+
+    cpu = this_cpu()["cpu_model"]
     import onnxruntime
     import torch
 

@@ -395,6 +395,13 @@ def describe_cpu(fields: dict[str, str], machine: str, processor: str) -> dict[s
     return {"cpu_model": model, "cpu_model_source": source, "isa_flags": flags}
 
 
+def this_cpu() -> dict[str, Any]:
+    """Return ``describe_cpu`` for the machine this runs on."""
+    import platform
+
+    return describe_cpu(read_cpuinfo(), platform.machine(), platform.processor())
+
+
 def read_board_model() -> str | None:
     """Return the board name from the device tree (for example a Raspberry Pi), or None."""
     for path in ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model"):

@@ -44,6 +44,7 @@ from edge_runtime.data import Example
 from edge_runtime.errors import ConfigError, ModelError
 from edge_runtime.metrics import accuracy_figures
 from edge_runtime.package import write_package
+from export.augment import augment_texts
 from export.calibrate import calibrate
 from export.config import BuildConfig, PackageConfig
 from export.data_checks import check_build_data
@@ -205,6 +206,12 @@ def build(config: BuildConfig) -> dict:
                              train, val, test)
     student_examples = train + extra.examples
     transfer_texts = load_transfer_texts(config, [*val, *test])
+    # Variants of the training queries join the transfer sentences: unlabelled, soft targets.
+    augmented = augment_texts([e.text for e in train], config.student.augment_copies,
+                              config.seed, [e.text for e in [*val, *test]])
+    if augmented:
+        log.info("augment: %d variants of the %d training queries", len(augmented), len(train))
+    transfer_texts = transfer_texts + augmented
     # Transfer sentences have no label (-1): the student learns only the teacher's soft targets.
     student_texts = [e.text for e in student_examples] + transfer_texts
     labelled = [index[e.label] for e in student_examples]
@@ -220,7 +227,8 @@ def build(config: BuildConfig) -> dict:
     report["data"] = {"path": config.data.path, "labels": len(labels), "train": len(train),
                       "validation": len(val), "test": len(test), "extra_train": extra.report,
                       "transfer": {"file": config.student.transfer_file,
-                                   "sentences": len(transfer_texts)}}
+                                   "sentences": len(transfer_texts) - len(augmented)},
+                      "augmented": len(augmented)}
     log.info("data: %d labels, %d train, %d validation, %d test, %d extra from escalation logs, "
              "%d transfer sentences", len(labels), len(train), len(val), len(test),
              len(extra.examples), len(transfer_texts))
@@ -290,7 +298,8 @@ def build(config: BuildConfig) -> dict:
         "parameters": count_parameters(student),
         "examples": {"train": len(train), "extra_train": len(extra.examples),
                      "extra_train_weight": config.data.extra_train_weight,
-                     "transfer": len(transfer_texts)},
+                     "transfer": len(transfer_texts) - len(augmented),
+                     "augmented": len(augmented)},
         "distillation": {"temperature": config.student.temperature, "alpha": config.student.alpha,
                          **student_training},
         "onnx_check": student_check.__dict__,

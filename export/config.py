@@ -122,6 +122,10 @@ class StudentConfig:
     # Width of each student layer's feed-forward block; 0 keeps the teacher's 1536. A smaller
     # width keeps the neurons whose input and output weights have the largest norms.
     intermediate_size: int = 0
+    # Word-level variants of each training query (words deleted or replaced, or a run of
+    # words kept) that the student also learns the teacher's soft targets on (export.augment).
+    # 0 makes none.
+    augment_copies: int = 0
 
 
 @dataclass(frozen=True)
@@ -341,6 +345,9 @@ def _validate(config: BuildConfig, source: str) -> None:
              "0 (the teacher's 1536) or a width from 1 to 1535, for example 768")
     if config.student.transfer_limit < 0:
         fail("student.transfer_limit", config.student.transfer_limit, "0 (all lines) or more")
+    if not 0 <= config.student.augment_copies <= 20:
+        fail("student.augment_copies", config.student.augment_copies,
+             "0 (none) or a number of variants per training query from 1 to 20")
     if config.student.transfer_file and not Path(config.student.transfer_file).is_file():
         fail("student.transfer_file", config.student.transfer_file,
              "a text file with one sentence per line, or \"\" for none")

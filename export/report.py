@@ -102,6 +102,8 @@ def render_markdown(report: dict) -> str:
            if student.get("embedding_rank") else "")
         + (f"; {student['examples']['transfer']:,} unlabelled transfer sentences"
            if student.get("examples", {}).get("transfer") else "")
+        + (f"; {student['examples']['augmented']:,} variants of training queries"
+           if student.get("examples", {}).get("augmented") else "")
         + (f"; vocabulary trimmed to {student['vocabulary']['kept']:,} of "
            f"{student['vocabulary']['original']:,} tokens" if student.get("vocabulary") else "")
         + ".",

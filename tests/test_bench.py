@@ -449,6 +449,13 @@ def test_describe_cpu_x86():
     }
 
 
+def test_this_cpu_reads_this_machine():
+    info = bench.this_cpu()
+    assert info == bench.describe_cpu(bench.read_cpuinfo(), platform.machine(),
+                                      platform.processor())
+    assert info["cpu_model"]
+
+
 def test_describe_cpu_raspberry_pi_4():
     fields = bench.parse_cpuinfo(PI4_CPUINFO)
     info = bench.describe_cpu(fields, "aarch64", "")
