@@ -212,16 +212,22 @@ def test_pip_no_matching_distribution_parsed():
 # Keys, package and output: every check runs before the wheel build and the download
 
 
+def bundle_with(tmp_path, **changes):
+    """Call build_bundle with the demo package and keys, changed by ``changes``."""
+    arguments = {
+        "package": STUDENT_PACKAGE,
+        "signer_key": SIGNER_PUBLIC,
+        "device_key": str(DEVICE_PRIVATE),
+        "output": tmp_path / "b.tar.gz",
+    }
+    arguments.update(changes)
+    return build_bundle(**arguments)
+
+
 def test_private_signer_key_rejected(tmp_path):
     output = tmp_path / "out" / "bundle.tar.gz"
     with pytest.raises(PrivateKeyError, match="is a private key") as raised:
-        build_bundle(
-            package=STUDENT_PACKAGE,
-            signer_key=SIGNER_PRIVATE,
-            device_key=str(DEVICE_PRIVATE),
-            output=output,
-            platform_tag="aarch64",
-        )
+        bundle_with(tmp_path, signer_key=SIGNER_PRIVATE, output=output, platform_tag="aarch64")
     assert str(SIGNER_PRIVATE) in str(raised.value)
     assert "BEGIN" not in str(raised.value)
     assert not output.parent.exists()
@@ -230,13 +236,8 @@ def test_private_signer_key_rejected(tmp_path):
 def test_signing_key_as_device_key_rejected(tmp_path):
     output = tmp_path / "bundle.tar.gz"
     with pytest.raises(PrivateKeyError, match="private key of the package's signer"):
-        build_bundle(
-            package=STUDENT_PACKAGE,
-            signer_key=SIGNER_PUBLIC,
-            device_key=str(SIGNER_PRIVATE),
-            output=output,
-            platform_tag="aarch64",
-        )
+        bundle_with(tmp_path, device_key=str(SIGNER_PRIVATE), output=output,
+                    platform_tag="aarch64")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -258,23 +259,13 @@ def test_device_key_reference_checks():
 
 def test_missing_package_rejected(tmp_path):
     with pytest.raises(BundleError, match="package file not found: .*nothing.edgepkg"):
-        build_bundle(
-            package=tmp_path / "nothing.edgepkg",
-            signer_key=SIGNER_PUBLIC,
-            device_key=str(DEVICE_PRIVATE),
-            output=tmp_path / "b.tar.gz",
-        )
+        bundle_with(tmp_path, package=tmp_path / "nothing.edgepkg")
 
 
 def test_package_from_another_signer_rejected(tmp_path):
     # The device public key is a valid P-256 key, but not the one that signed the package.
     with pytest.raises(BundleError, match="does not verify with the signer key"):
-        build_bundle(
-            package=STUDENT_PACKAGE,
-            signer_key=DEVICE_PUBLIC,
-            device_key=str(DEVICE_PRIVATE),
-            output=tmp_path / "b.tar.gz",
-        )
+        bundle_with(tmp_path, signer_key=DEVICE_PUBLIC)
 
 
 def test_unsigned_package_rejected(tmp_path):
@@ -287,39 +278,19 @@ def test_unsigned_package_rejected(tmp_path):
         recipients=[encryption.load_public_key(DEVICE_PUBLIC)],
     )
     with pytest.raises(BundleError, match="is not signed"):
-        build_bundle(
-            package=unsigned,
-            signer_key=SIGNER_PUBLIC,
-            device_key=str(DEVICE_PRIVATE),
-            output=tmp_path / "b.tar.gz",
-        )
+        bundle_with(tmp_path, package=unsigned)
 
 
 def test_unwritable_output_rejected(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
     with pytest.raises(BundleError, match="cannot write --output"):
-        build_bundle(
-            package=STUDENT_PACKAGE,
-            signer_key=SIGNER_PUBLIC,
-            device_key=str(DEVICE_PRIVATE),
-            output=blocker / "bundle.tar.gz",
-            wheel=tmp_path / "never-read.whl",
-        )
+        bundle_with(tmp_path, output=blocker / "bundle.tar.gz",
+                    wheel=tmp_path / "never-read.whl")
     with pytest.raises(BundleError, match="is a folder"):
-        build_bundle(
-            package=STUDENT_PACKAGE,
-            signer_key=SIGNER_PUBLIC,
-            device_key=str(DEVICE_PRIVATE),
-            output=tmp_path,
-        )
+        bundle_with(tmp_path, output=tmp_path)
     with pytest.raises(ConfigError, match="must end with .tar.gz or .tgz"):
-        build_bundle(
-            package=STUDENT_PACKAGE,
-            signer_key=SIGNER_PUBLIC,
-            device_key=str(DEVICE_PRIVATE),
-            output=tmp_path / "bundle.zip",
-        )
+        bundle_with(tmp_path, output=tmp_path / "bundle.zip")
 
 
 def test_cli_reports_private_key(capsys):
@@ -639,15 +610,8 @@ def test_target_without_wheel_names_dependency(project_wheel, tmp_path):
     # The last onnxruntime with a manylinux2014 (glibc 2.17) aarch64 wheel is 1.16.3.
     output = tmp_path / "bundle.tar.gz"
     with pytest.raises(MissingWheelError) as raised:
-        build_bundle(
-            package=STUDENT_PACKAGE,
-            signer_key=SIGNER_PUBLIC,
-            device_key=str(DEVICE_PRIVATE),
-            output=output,
-            platform_tag="manylinux2014_aarch64",
-            python_version="3.11",
-            wheel=project_wheel,
-        )
+        bundle_with(tmp_path, output=output, platform_tag="manylinux2014_aarch64",
+                    python_version="3.11", wheel=project_wheel)
     error = raised.value
     assert error.dependency == "onnxruntime"
     assert error.requirement == "onnxruntime>=1.20"
