@@ -974,8 +974,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"  session    {', '.join(session['providers'])}; graph optimization "
         f"{session['graph_optimization']}; inter-op threads {session['inter_op_threads']}",
         f"  queries    {report['queries']['count']} ({report['queries']['source']}), "
-        f"{report['queries']['mean_tokens']:.1f} tokens each on average, [CLS] and [SEP] "
-        "included",
+        f"{report['queries']['mean_tokens']:.1f} tokens each on average, as the package's "
+        "tokenizer gives them",
         "",
         f"Cold start: {cold['runs']} fresh process(es) after {cold['warmup_runs']} untimed "
         f"warm-up, {cold['threads']} intra-op thread(s)",

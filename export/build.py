@@ -25,6 +25,7 @@ With ``output.models_dir`` set, the packages and the reports are also copied the
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import platform
 import shutil
@@ -273,7 +274,7 @@ def build(config: BuildConfig) -> dict:
         # words outside the kept tokens split into kept pieces, in training as on the device.
         student_tokenizer, vocabulary = _trim_student_vocabulary(
             student, out, tokenizer_bytes.decode("utf-8"),
-            [e.text for e in student_examples] + val_texts,
+            [e.text for e in student_examples] + val_texts, config.student.special_tokens,
         )
         student_tokenizer_bytes = (out / STUDENT_TOKENIZER).read_bytes()
     student_training = distil_student(student, student_tokenizer, student_texts, student_labels,
@@ -416,10 +417,16 @@ def load_transfer_texts(config: BuildConfig, held_out: list[Example]) -> list[st
 
 
 def _trim_student_vocabulary(student: SentenceClassifier, out: Path, tokenizer_json: str,
-                             corpus: list[str]) -> tuple[Tokenizer, dict]:
+                             corpus: list[str], special_tokens: bool = True,
+                             ) -> tuple[Tokenizer, dict]:
     """Keep the student's embedding rows for the tokens of ``corpus`` plus the coverage
-    tokens, write the trimmed tokenizer to ``out``, and return it with the figures."""
+    tokens, write the trimmed tokenizer to ``out``, and return it with the figures. Without
+    ``special_tokens`` the tokenizer adds no [CLS] and [SEP] around a text."""
     trimmed_json, selection = trimmed_tokenizer(tokenizer_json, corpus)
+    if not special_tokens:
+        settings = json.loads(trimmed_json)
+        settings["post_processor"] = None
+        trimmed_json = json.dumps(settings, ensure_ascii=False)
     keep_token_rows(student, selection.kept_ids)
     (out / STUDENT_TOKENIZER).write_text(trimmed_json, encoding="utf-8")
     log.info("student vocabulary: kept %d of %d tokens (%d from %d corpus texts, %d more for "
@@ -427,7 +434,7 @@ def _trim_student_vocabulary(student: SentenceClassifier, out: Path, tokenizer_j
              selection.corpus_texts, selection.for_coverage)
     figures = {"kept": selection.size, "original": selection.original_size,
                "from_corpus": selection.from_corpus, "for_coverage": selection.for_coverage,
-               "corpus_texts": selection.corpus_texts}
+               "corpus_texts": selection.corpus_texts, "special_tokens": special_tokens}
     return Tokenizer.from_str(trimmed_json), figures
 
 

@@ -126,6 +126,10 @@ class StudentConfig:
     # words kept) that the student also learns the teacher's soft targets on (export.augment).
     # 0 makes none.
     augment_copies: int = 0
+    # false: the student's tokenizer adds no [CLS] and [SEP] around a query, so a single query
+    # runs on about two tokens fewer. Needs trim_vocabulary, which gives the student a
+    # tokenizer of its own.
+    special_tokens: bool = True
 
 
 @dataclass(frozen=True)
@@ -345,6 +349,9 @@ def _validate(config: BuildConfig, source: str) -> None:
              "0 (the teacher's 1536) or a width from 1 to 1535, for example 768")
     if config.student.transfer_limit < 0:
         fail("student.transfer_limit", config.student.transfer_limit, "0 (all lines) or more")
+    if not config.student.special_tokens and not config.student.trim_vocabulary:
+        fail("student.special_tokens", config.student.special_tokens,
+             "true, or set student.trim_vocabulary = true so the student has its own tokenizer")
     if not 0 <= config.student.augment_copies <= 20:
         fail("student.augment_copies", config.student.augment_copies,
              "0 (none) or a number of variants per training query from 1 to 20")

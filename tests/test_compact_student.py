@@ -40,7 +40,8 @@ def tiny_config(out: Path, **overrides):
 @pytest.fixture(scope="module")
 def compact_build(tiny_build, tmp_path_factory):
     """The tiny build again, with its teacher loaded from the first tiny build's ONNX file, a
-    rank-64 word embedding table and a trimmed vocabulary."""
+    rank-64 word embedding table, a trimmed vocabulary without [CLS] and [SEP], and one
+    augmented variant per training query."""
     require_clinc150()
     pytest.importorskip("torch")
     from export.build import build
@@ -52,6 +53,7 @@ def compact_build(tiny_build, tmp_path_factory):
         "teacher.mode": "onnx", "teacher.onnx": str(tiny_build.dir / "teacher-fp32.onnx"),
         "student.embedding_rank": 64, "student.trim_vocabulary": True,
         "student.intermediate_size": 256, "student.transfer_file": str(transfer),
+        "student.augment_copies": 1, "student.special_tokens": False,
     })
     return out, build(config)
 
@@ -71,6 +73,31 @@ def test_transfer_sentences_used(compact_build):
 
     assert report["data"]["transfer"]["sentences"] == 4
     assert report["stages"]["student"]["examples"]["transfer"] == 4
+
+
+def test_augmented_variants_used(compact_build):
+    _, report = compact_build
+    train = report["data"]["train"]
+
+    assert 0 < report["data"]["augmented"] <= train
+    assert report["stages"]["student"]["examples"]["augmented"] == report["data"]["augmented"]
+
+
+def test_student_tokenizer_without_special_tokens(compact_build):
+    from tokenizers import Tokenizer
+
+    out, report = compact_build
+    settings = json.loads((out / "student-tokenizer.json").read_text())
+    tokens = Tokenizer.from_file(str(out / "student-tokenizer.json")).encode("set an alarm").tokens
+
+    assert settings["post_processor"] is None
+    assert tokens == ["set", "an", "alarm"]
+    assert report["stages"]["student"]["vocabulary"]["special_tokens"] is False
+
+
+def test_special_tokens_off_needs_trimmed_vocabulary():
+    with pytest.raises(ConfigError, match="'student.special_tokens'"):
+        parse_config({"data": {"path": "data"}, "student": {"special_tokens": False}})
 
 
 def test_feed_forward_narrowed(compact_build):
