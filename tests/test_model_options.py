@@ -111,16 +111,20 @@ def test_inter_op_threads_run_parallel(student_package):
     assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
 
 
+# Below "extended", the int8 MatMuls run unfused (DynamicQuantizeLinear, MatMulInteger, then
+# a float multiply). On an Intel Xeon with AVX-512 VNNI that path differed from the fused
+# DynamicQuantizeMatMul by up to 0.097 logits on 200 CLINC150 test queries (same top label
+# for all), and on an AVX2 AMD EPYC by less than 1e-3. The fused levels reorder floats only.
 @pytest.mark.parametrize(
-    "name, level",
+    "name, level, tolerance",
     [
-        ("disable", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-        ("basic", ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
-        ("extended", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED),
-        ("all", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+        ("disable", ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 0.2),
+        ("basic", ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, 0.2),
+        ("extended", ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, 1e-3),
+        ("all", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 1e-3),
     ],
 )
-def test_graph_optimization_levels_agree(student_package, student, name, level):
+def test_graph_optimization_levels_agree(student_package, student, name, level, tolerance):
     classifier = OnnxClassifier(student_package, graph_optimization=name)
     texts = [
         "set an alarm for 6:30 am",
@@ -133,8 +137,7 @@ def test_graph_optimization_levels_agree(student_package, student, name, level):
         logits = classifier.predict(text).logits
         reference = student.predict(text).logits
         assert int(logits.argmax()) == int(reference.argmax()), text
-        # Fusions reorder float operations, so logits move by rounding error only.
-        np.testing.assert_allclose(logits, reference, atol=1e-3)
+        np.testing.assert_allclose(logits, reference, atol=tolerance)
 
 
 def test_from_file_passes_session_options():
