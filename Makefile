@@ -34,7 +34,7 @@ test: $(VENV)/.installed-all
 test-fast: $(VENV)/.installed-all
 	$(BIN)/python -m pytest -ra -m 'not slow'
 
-# Rebuild the default artefacts in models/ from real CLINC150 data (about 25 minutes on 2 cores).
+# Rebuild the default artefacts in models/ from real CLINC150 data (40 to 60 minutes on 2 cores).
 models: $(VENV)/.installed-all
 	$(BIN)/python -m export build --config export/configs/clinc150.toml
 

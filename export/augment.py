@@ -2,8 +2,8 @@
 
 The student learns the teacher's soft targets on these variants (the KL term only, like the
 transfer sentences), so it matches the teacher near each training query and not only on it.
-Whether this helps a given student is measured, not assumed: docs/smaller-students.md gives
-the CLINC150 figures.
+Whether this helps a given student is measured, not assumed: the third round of the student
+sweep in docs/benchmarks.md gives the CLINC150 figures.
 
 Each variant applies, word by word, a deletion with probability ``edit_rate`` and otherwise a
 replacement by a random word of the training vocabulary with probability ``edit_rate``; with

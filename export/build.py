@@ -231,8 +231,9 @@ def build(config: BuildConfig) -> dict:
                                    "sentences": len(transfer_texts) - len(augmented)},
                       "augmented": len(augmented)}
     log.info("data: %d labels, %d train, %d validation, %d test, %d extra from escalation logs, "
-             "%d transfer sentences", len(labels), len(train), len(val), len(test),
-             len(extra.examples), len(transfer_texts))
+             "%d transfer sentences, %d augmented variants", len(labels), len(train), len(val),
+             len(test), len(extra.examples), len(transfer_texts) - len(augmented),
+             len(augmented))
 
     package_teacher = None
     if config.teacher.mode == "package":

@@ -47,10 +47,12 @@ def test_clinc150_config_values():
     assert config.student.alpha == 1.0
     assert config.student.epochs == 5
     assert config.student.embedding_rank == 192
-    assert config.student.intermediate_size == 1024
+    assert config.student.intermediate_size == 512
     assert config.student.trim_vocabulary is True
+    assert config.student.special_tokens is False
+    assert config.student.augment_copies == 2
     assert config.student.transfer_file == "../shared/data/wiki_sentences/all_wiki_sents.txt"
-    assert config.output.version == 2
+    assert config.output.version == 3
     assert config.calibration.max_disagreement == 0.02
     assert config.output.dir == "build/clinc150"
     assert config.output.models_dir == "models"
