@@ -5,9 +5,9 @@ transfer sentences), so it matches the teacher near each training query and not 
 Whether this helps a given student is measured, not assumed: the third round of the student
 sweep in docs/benchmarks.md gives the CLINC150 figures.
 
-Each variant applies, word by word, a deletion with probability ``edit_rate`` and otherwise a
-replacement by a random word of the training vocabulary with probability ``edit_rate``; with
-probability ``span_rate`` it then keeps only a random run of consecutive words. A variant
+Each variant deletes each word with probability ``edit_rate``, or else replaces it by a random
+word of the training vocabulary with the same probability. With probability ``span_rate`` it
+then keeps only a random run of consecutive words. A variant
 equal to its query, to another variant, to a training query or to a held-out (validation or
 test) query is dropped, so no held-out text reaches training.
 """
@@ -62,15 +62,15 @@ def augment_texts(texts: list[str], copies: int, seed: int,
     variants = []
     for text in texts:
         words = text.split()
-        kept = 0
+        made_for_text = 0
         # Three tries per copy, because short queries often give back a seen text.
         for _ in range(3 * copies):
-            if kept == copies:
+            if made_for_text == copies:
                 break
             variant = " ".join(perturb(words, vocabulary, rng))
             key = normalize_text(variant)
             if variant and key not in seen:
                 seen.add(key)
                 variants.append(variant)
-                kept += 1
+                made_for_text += 1
     return variants

@@ -22,9 +22,9 @@ QUERIES = [
 
 def test_perturb_leaves_its_input_unchanged():
     words = QUERIES[0].split()
-    kept = list(words)
+    original = list(words)
     perturb(words, ["x", "y"], random.Random(0), edit_rate=0.5, span_rate=1.0)
-    assert words == kept
+    assert words == original
 
 
 def test_perturb_without_edits_returns_the_words():

@@ -111,10 +111,8 @@ def test_inter_op_threads_run_parallel(student_package):
     assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
 
 
-# Below "extended", the int8 MatMuls run unfused (DynamicQuantizeLinear, MatMulInteger, then
-# a float multiply). On an Intel Xeon with AVX-512 VNNI that path differed from the fused
-# DynamicQuantizeMatMul by up to 0.097 logits on 200 CLINC150 test queries (same top label
-# for all), and on an AVX2 AMD EPYC by less than 1e-3. The fused levels reorder floats only.
+# Below "extended" the int8 MatMuls run unfused: up to 0.097 logits from the fused levels on
+# 200 CLINC150 test queries on an AVX-512 VNNI Xeon (same top labels), under 1e-3 on AVX2.
 @pytest.mark.parametrize(
     "name, level, tolerance",
     [
