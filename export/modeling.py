@@ -67,9 +67,8 @@ class SentenceClassifier(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # The encoder gets the additive mask ready-made: 0 on real tokens and the lowest float
-        # on padding, which is what it would build itself from the 0/1 mask. The exported
-        # graph then computes it in four nodes instead of about forty, about 5% of a
-        # single-query run of the 2-layer student (benchmarks/latency.py).
+        # on padding, which is what it would build itself from the 0/1 mask. The optimized
+        # int8 graph of the 2-layer student then has 88 nodes instead of 118.
         real = attention_mask.to(torch.float32)  # (batch, seq)
         additive = ((1.0 - real) * torch.finfo(torch.float32).min)[:, None, None, :]
         # token_type_ids are all zero for single sentences, so the graph does not take them.
