@@ -107,7 +107,7 @@ def render_markdown(report: dict) -> str:
         + (f"; vocabulary trimmed to {student['vocabulary']['kept']:,} of "
            f"{student['vocabulary']['original']:,} tokens" if student.get("vocabulary") else "")
         + ("; no [CLS] and [SEP]"
-           if student.get("vocabulary", {}).get("special_tokens") is False else "")
+           if (student.get("vocabulary") or {}).get("special_tokens") is False else "")
         + ".",
         f"- Packages: student {_mb(report['packages']['student']['size_bytes'])}, teacher "
         f"{_mb(report['packages']['teacher']['size_bytes'])}"
