@@ -237,9 +237,9 @@ def percent(share: float | None) -> str:
 def machine_description() -> dict:
     import onnxruntime
 
-    from edge_runtime.bench import describe_cpu, read_cpuinfo
+    from edge_runtime.bench import this_cpu
 
-    cpu = describe_cpu(read_cpuinfo(), platform.machine(), platform.processor())
+    cpu = this_cpu()
     return {
         "cpu": cpu["cpu_model"],
         "machine": platform.machine(),

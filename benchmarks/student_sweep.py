@@ -722,9 +722,9 @@ def command_line(args: argparse.Namespace) -> str:
 def machine_description() -> dict:
     import onnxruntime
 
-    from edge_runtime.bench import describe_cpu, read_cpuinfo
+    from edge_runtime.bench import this_cpu
 
-    cpu = describe_cpu(read_cpuinfo(), platform.machine(), platform.processor())
+    cpu = this_cpu()
     present = cpu["isa_flags"] or {}
     return {
         "cpu": cpu["cpu_model"],

@@ -207,20 +207,20 @@ def build(config: BuildConfig) -> dict:
                              train, val, test)
     student_examples = train + extra.examples
     transfer_texts = load_transfer_texts(config, [*val, *test])
-    # Variants of the training queries join the transfer sentences: unlabelled, soft targets.
+    # Variants of the training queries are learnt like the transfer sentences.
     augmented = augment_texts([e.text for e in train], config.student.augment_copies,
                               config.seed, [e.text for e in [*val, *test]])
     if augmented:
         log.info("augment: %d variants of the %d training queries", len(augmented), len(train))
-    transfer_texts = transfer_texts + augmented
-    # Transfer sentences have no label (-1): the student learns only the teacher's soft targets.
-    student_texts = [e.text for e in student_examples] + transfer_texts
+    unlabelled = transfer_texts + augmented
+    # Unlabelled texts get label -1: the student learns only the teacher's soft targets.
+    student_texts = [e.text for e in student_examples] + unlabelled
     labelled = [index[e.label] for e in student_examples]
-    student_labels = np.array(labelled + [-1] * len(transfer_texts), dtype=np.int64)
+    student_labels = np.array(labelled + [-1] * len(unlabelled), dtype=np.int64)
     weights = np.concatenate([np.ones(len(train), dtype=np.float32),
                               np.full(len(extra.examples), config.data.extra_train_weight,
                                       dtype=np.float32),
-                              np.ones(len(transfer_texts), dtype=np.float32)])
+                              np.ones(len(unlabelled), dtype=np.float32)])
     train_texts = [e.text for e in train]
     train_labels = np.array([index[e.label] for e in train], dtype=np.int64)
     val_texts, val_labels = [e.text for e in val], np.array([index[e.label] for e in val])
@@ -228,11 +228,11 @@ def build(config: BuildConfig) -> dict:
     report["data"] = {"path": config.data.path, "labels": len(labels), "train": len(train),
                       "validation": len(val), "test": len(test), "extra_train": extra.report,
                       "transfer": {"file": config.student.transfer_file,
-                                   "sentences": len(transfer_texts) - len(augmented)},
+                                   "sentences": len(transfer_texts)},
                       "augmented": len(augmented)}
     log.info("data: %d labels, %d train, %d validation, %d test, %d extra from escalation logs, "
              "%d transfer sentences, %d augmented variants", len(labels), len(train), len(val),
-             len(test), len(extra.examples), len(transfer_texts) - len(augmented),
+             len(test), len(extra.examples), len(transfer_texts),
              len(augmented))
 
     package_teacher = None
@@ -300,7 +300,7 @@ def build(config: BuildConfig) -> dict:
         "parameters": count_parameters(student),
         "examples": {"train": len(train), "extra_train": len(extra.examples),
                      "extra_train_weight": config.data.extra_train_weight,
-                     "transfer": len(transfer_texts) - len(augmented),
+                     "transfer": len(transfer_texts),
                      "augmented": len(augmented)},
         "distillation": {"temperature": config.student.temperature, "alpha": config.student.alpha,
                          **student_training},
