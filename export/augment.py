@@ -7,9 +7,9 @@ sweep in docs/benchmarks.md gives the CLINC150 figures.
 
 Each variant deletes each word with probability ``edit_rate``, or else replaces it by a random
 word of the training vocabulary with the same probability. With probability ``span_rate`` it
-then keeps only a random run of consecutive words. A variant
-equal to its query, to another variant, to a training query or to a held-out (validation or
-test) query is dropped, so no held-out text reaches training.
+then keeps only a random run of consecutive words. A variant equal to its query, to another
+variant, to a training query or to a held-out (validation or test) query is dropped, so no
+held-out text reaches training.
 """
 
 from __future__ import annotations

@@ -27,12 +27,12 @@ def test_perturb_leaves_its_input_unchanged():
     assert words == original
 
 
-def test_perturb_without_edits_returns_the_words():
+def test_perturb_without_edits_unchanged():
     words = QUERIES[1].split()
     assert perturb(words, ["x"], random.Random(3), edit_rate=0.0, span_rate=0.0) == words
 
 
-def test_perturb_replaces_only_with_vocabulary_words():
+def test_perturb_replaces_from_vocabulary():
     words = QUERIES[3].split()
     vocabulary = ["zebra", "quartz"]
     rng = random.Random(7)
@@ -53,7 +53,7 @@ def test_perturb_span_keeps_consecutive_words():
         assert words[start:start + len(variant)] == variant
 
 
-def test_augment_makes_at_most_the_copies_asked_for():
+def test_augment_copies_upper_bound():
     variants = augment_texts(QUERIES, copies=3, seed=0)
     assert len(variants) <= 3 * len(QUERIES)
     assert len(variants) >= 2 * len(QUERIES)
@@ -79,7 +79,7 @@ def test_augment_zero_copies_gives_nothing():
 
 
 def test_augment_of_one_word_queries_stops():
-    # A one-word query has few distinct variants; the tries per copy are bounded.
+    # A one-word query has few distinct variants, so the bounded tries must end the loop.
     variants = augment_texts(["hi", "hello"], copies=20, seed=0)
     assert len(variants) <= 40
     assert all(v.strip() for v in variants)
