@@ -5,12 +5,15 @@ local answers disagree with the int8 teacher. For each target in ``--targets`` t
 the gate again from the build's int8 models, as ``export build`` does, and reports on validation
 and test the share of queries that the student answers locally and the accuracy of the cascade
 (the int8 student when local, else the int8 teacher), with in-scope accuracy and out-of-scope
-recall on test when the data has an out-of-scope label. The row "test share N%" uses the
+recall on test when the data has an out-of-scope label. The models run one query at a time,
+as on a device. ``--score`` compares gate scores; the default is the config's
+``[calibration] score``. The row "test share N%" uses the
 threshold that answers ``--local-share`` of test locally, so it is fitted on test and is only a
 point of the curve. The rows "teacher only" and "student only" are the two ends of the curve.
 
     python benchmarks/gate_targets.py --config export/configs/banking77.toml [--build-dir DIR]
         [--targets 0.005,0.01,0.015,0.02,0.03,0.04] [--local-share 0.85]
+        [--score max_probability|logit_margin]
         [--results benchmarks/results/gate_targets_banking77]
 
 Run it from the repository root with the export extra installed, after ``python -m export
@@ -34,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from edge_runtime.errors import ConfigError, EdgeRuntimeError  # noqa: E402
-from edge_runtime.gate import softmax  # noqa: E402
+from edge_runtime.gate import SCORE_KINDS, gate_scores  # noqa: E402
 from export.calibrate import calibrate, fit_temperature  # noqa: E402
 
 DEFAULT_TARGETS = "0.005,0.01,0.015,0.02,0.03,0.04"
@@ -72,18 +75,19 @@ def gate_rows(
     targets: list[float],
     local_share: float,
     oos_index: int | None = None,
+    score: str = "max_probability",
 ) -> list[dict]:
     """Compute one row per gate from the logits of the int8 models.
 
     ``logits`` maps "student validation", "teacher validation", "student test" and "teacher
     test" to (queries, labels) arrays, and ``labels`` maps "validation" and "test" to the
     expected label indices. Every row uses the temperature fitted on validation, which does
-    not depend on the target.
+    not depend on the target, and the gate score ``score``.
     """
     temperature = fit_temperature(logits["student validation"], labels["validation"])
     student = {s: logits[f"student {s}"].argmax(1) for s in labels}
     teacher = {s: logits[f"teacher {s}"].argmax(1) for s in labels}
-    confidence = {s: softmax(logits[f"student {s}"], temperature).max(1) for s in labels}
+    confidence = {s: gate_scores(logits[f"student {s}"], temperature, score) for s in labels}
 
     def row(name: str, target: float | None, threshold: float) -> dict:
         figures = {}
@@ -98,13 +102,15 @@ def gate_rows(
             "target": target,
             "threshold": threshold,
             "temperature": temperature,
+            "score": score,
             **figures,
         }
 
     rows = [row("teacher only", None, 1.0)]
     for target in targets:
         fitted = calibrate(
-            logits["student validation"], labels["validation"], teacher["validation"], target
+            logits["student validation"], labels["validation"], teacher["validation"], target,
+            score,
         )
         rows.append(row(f"target {target:.1%}", target, fitted.threshold))
     # The lowest threshold that still escalates (1 - local_share) of the test queries.
@@ -129,7 +135,7 @@ def build_logits(config_path: str, build_dir: str | None) -> dict:
     validation and test."""
     from tokenizers import Tokenizer
 
-    from export.build import STUDENT_TOKENIZER, load_data
+    from export.build import DEVICE_BATCH_SIZE, STUDENT_TOKENIZER, load_data
     from export.config import load_config
     from export.dataset import out_of_scope_label
     from export.onnx_export import onnx_logits, session_from_file
@@ -172,7 +178,9 @@ def build_logits(config_path: str, build_dir: str | None) -> dict:
         session = session_from_file(model)
         for split, examples in splits.items():
             started = time.perf_counter()
-            logits[f"{role} {split}"] = onnx_logits(session, tokenizer, [e.text for e in examples])
+            logits[f"{role} {split}"] = onnx_logits(
+                session, tokenizer, [e.text for e in examples], batch_size=DEVICE_BATCH_SIZE
+            )
             progress(f"{model.name} on {split}: {time.perf_counter() - started:.1f} s")
     oos = out_of_scope_label(config.data)
     return {
@@ -183,6 +191,7 @@ def build_logits(config_path: str, build_dir: str | None) -> dict:
         "oos_label": oos if oos in index else None,
         "oos_index": index.get(oos) if oos else None,
         "config_target": config.calibration.max_disagreement,
+        "config_score": config.calibration.score,
         "sizes": sizes,
     }
 
@@ -201,8 +210,8 @@ def render_markdown(results: dict) -> str:
         "",
         f"{results['sizes']['labels']} labels, {results['sizes']['validation']} validation and "
         f"{results['sizes']['test']} test queries; the config's target is "
-        f"{results['config_target']:.1%}. Temperature {first['temperature']:.3f}, fitted on "
-        "validation. `local`: share answered by the int8 student. `disagree`: share of the "
+        f"{results['config_target']:.1%} with score `{results['config_score']}`. Gate score "
+        f"`{first['score']}`, temperature {first['temperature']:.3f}, fitted on validation. `local`: share answered by the int8 student. `disagree`: share of the "
         "local answers that differ from the int8 teacher. `cascade`: accuracy of the student "
         "when local, else the int8 teacher. `test share` is fitted on test.",
         "",
@@ -285,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.85,
         help="share of test queries answered locally in the 'test share' row",
     )
+    parser.add_argument(
+        "--score",
+        choices=SCORE_KINDS,
+        help="gate score of every row; default: the config's calibration.score",
+    )
     parser.add_argument("--results", help="write RESULTS.json and RESULTS.md (path without suffix)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -298,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     rows = gate_rows(
-        data.pop("logits"), data.pop("labels"), targets, args.local_share, data.pop("oos_index")
+        data.pop("logits"),
+        data.pop("labels"),
+        targets,
+        args.local_share,
+        data.pop("oos_index"),
+        args.score or data["config_score"],
     )
     results = {
         "command": shlex.join(["python", "benchmarks/gate_targets.py", *argv]),

@@ -296,7 +296,8 @@ def run_ask(args: argparse.Namespace) -> int:
     print(f"{answer.label}  ({answer.source}, {answer.timings_ms['total']:.2f} ms)")
     if answer.debug is not None:
         top = sorted(answer.debug["probabilities"].items(), key=lambda kv: -kv[1])[:5]
-        print(f"score {answer.debug['score']:.4f}, threshold {answer.debug['threshold']:.4f}")
+        print(f"{answer.debug['score_kind']} {answer.debug['score']:.4f}, "
+              f"threshold {answer.debug['threshold']:.4f}")
         for label, probability in top:
             print(f"  {label:<24} {probability:.4f}")
     return 0

@@ -124,7 +124,8 @@ def evaluate(runtime: EdgeRuntime, teacher: TeacherClient, examples: Sequence[Ex
             "escalated_p50": percentile_ms(escalated_ms, 50),
             "escalated_p95": percentile_ms(escalated_ms, 95),
         },
-        "gate": {"temperature": runtime.gate.temperature, "threshold": runtime.gate.threshold},
+        "gate": {"score": runtime.gate.kind, "temperature": runtime.gate.temperature,
+                 "threshold": runtime.gate.threshold},
         "baselines": {
             "teacher": _baseline(teacher_labels, expected, teacher_ms, oos_label),
             "student": _baseline(student_labels, expected, student_ms, oos_label),

@@ -1,7 +1,7 @@
 """Model packages: one file holding a manifest, an ONNX model and its tokenizer, optionally
 signed and encrypted.
 
-Format, schema version 2 (``docs/package-format.md`` has the full description): a ZIP archive
+Format, schema versions 2 and 3 (``docs/package-format.md`` has the full description): a ZIP archive
 of stored (uncompressed) members:
 
 - ``manifest.json``: UTF-8 JSON with the package name and integer version, labels, model and
@@ -57,7 +57,17 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-SCHEMA_VERSION = 2
+# Version 3 adds gate scores other than the top-1 probability. A writer stamps the lowest
+# version that can express the manifest, so a version-2 reader still opens every package whose
+# gate uses the top-1 probability, and rejects one whose gate it would misread.
+SCHEMA_VERSION = 3
+SCORE_SCHEMA_VERSION = 2  # the newest version whose gate score is always the top-1 probability
+SUPPORTED_SCHEMA_VERSIONS = (2, 3)
+
+# Names of the gate scores, computed by edge_runtime.gate.gate_scores.
+MAX_PROBABILITY = "max_probability"
+LOGIT_MARGIN = "logit_margin"
+SCORE_KINDS = (MAX_PROBABILITY, LOGIT_MARGIN)
 DEFAULT_CLOCK_SKEW = 300.0  # seconds of tolerance on the expiry time
 
 
@@ -105,21 +115,24 @@ class TrustPolicy(FrozenValue):
 
 
 class GateSettings(FrozenValue):
-    """Calibrated confidence gate: answer locally when the calibrated top-1 probability
-    (softmax of logits divided by ``temperature``) is at least ``threshold``.
+    """Calibrated confidence gate: answer locally when the score of the logits divided by
+    ``temperature`` is at least ``threshold``. ``score`` names the score, one of
+    ``edge_runtime.gate.SCORE_KINDS``: "max_probability" (the top-1 probability) or
+    "logit_margin" (``p1 / (p1 + p2)``).
 
-    ``fitted_on`` records how the two numbers were chosen: target, split, and the figures
+    ``fitted_on`` records how the numbers were chosen: target, split, and the figures
     measured there.
     """
 
-    __slots__ = ("temperature", "threshold", "fitted_on")
+    __slots__ = ("temperature", "threshold", "score", "fitted_on")
     temperature: float
     threshold: float
+    score: str
     fitted_on: dict[str, Any]
 
     def __init__(self, temperature: float, threshold: float,
-                 fitted_on: dict[str, Any] | None = None):
-        self._init(temperature=temperature, threshold=threshold,
+                 fitted_on: dict[str, Any] | None = None, score: str = MAX_PROBABILITY):
+        self._init(temperature=temperature, threshold=threshold, score=score,
                    fitted_on={} if fitted_on is None else fitted_on)
 
 
@@ -211,7 +224,7 @@ def write_package(
         if reserved in members:
             raise InvalidMemberNameError(f"member name {reserved!r} is reserved")
     manifest = dict(manifest)
-    manifest["schema_version"] = SCHEMA_VERSION
+    manifest["schema_version"] = _schema_version_for(manifest)
     name, version = manifest.get("name"), manifest.get("version")
     stored = dict(members)
 
@@ -579,14 +592,23 @@ def _require(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], sourc
     return value
 
 
+def _schema_version_for(manifest: dict[str, Any]) -> int:
+    """Return the lowest schema version that expresses ``manifest``'s gate: 3 for a score
+    other than the top-1 probability, else 2 (whose readers ignore the gate's 'score')."""
+    gate = manifest.get("gate")
+    if isinstance(gate, dict) and gate.get("score") in set(SCORE_KINDS) - {MAX_PROBABILITY}:
+        return SCHEMA_VERSION
+    return SCORE_SCHEMA_VERSION
+
+
 def _parse_manifest(raw: Any, source: str) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"{source}: manifest is {type(raw).__name__}; expected a JSON object")
     schema = _require(raw, "schema_version", int, source)
-    if schema != SCHEMA_VERSION:
+    if schema not in SUPPORTED_SCHEMA_VERSIONS:
         raise UnsupportedSchemaVersionError(
             f"{source}: schema_version {schema} is not supported by this reader "
-            f"(supports {SCHEMA_VERSION}); upgrade edge-runtime"
+            f"(supports {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}); upgrade edge-runtime"
         )
     members = _require(raw, "members", dict, source)
     for name, entry in members.items():
@@ -636,10 +658,20 @@ def _parse_manifest(raw: Any, source: str) -> Manifest:
         if fitted_on is not None and not isinstance(fitted_on, dict):
             raise ManifestError(f"{source}: gate 'fitted_on' must be an object or null, got "
                                 f"{type(fitted_on).__name__}")
+        score = MAX_PROBABILITY
+        if schema > SCORE_SCHEMA_VERSION:
+            # Version 2 stores a free description in 'score'; version 3 stores the score's name.
+            score = _require(gate_raw, "score", str, source + " [gate]")
+            if score not in SCORE_KINDS:
+                raise ManifestError(
+                    f"{source}: gate score {score!r:.40} is unknown; this reader computes "
+                    f"{', '.join(SCORE_KINDS)} (upgrade edge-runtime for others)"
+                )
         gate = GateSettings(
             temperature=temperature,
             threshold=float(threshold),
             fitted_on=dict(fitted_on or {}),
+            score=score,
         )
 
     expires_at = raw.get("expires_at")

@@ -63,7 +63,8 @@ MAX_TEXT_CHARS = 2_000
 class Answer(FrozenValue):
     """One answer. ``timings_ms`` holds ``tokenize``, ``student``, ``teacher`` (only when the
     teacher was called) and ``total``, in milliseconds. ``debug`` is set only with
-    ``debug=True``: the calibrated top-1 probability and the student's label probabilities."""
+    ``debug=True``: the gate's score and its kind, the threshold and the student's calibrated
+    label probabilities."""
 
     __slots__ = ("label", "source", "timings_ms", "debug")
     _hidden_in_repr = frozenset({"debug"})
@@ -361,6 +362,7 @@ class EdgeRuntime:
         probabilities = softmax(student.logits, self.gate.temperature).round(6).tolist()
         return {
             "score": student.decision.score,
+            "score_kind": self.gate.kind,
             "threshold": self.gate.threshold,
             "probabilities": dict(zip(self.student.labels, probabilities, strict=True)),
         }

@@ -4,8 +4,9 @@ Both are fitted on the validation split, never on test:
 
 1. Temperature T minimises the negative log-likelihood of the true labels under
    softmax(logits / T) (Guo et al., "On Calibration of Modern Neural Networks", 2017).
-2. The threshold is the lowest calibrated top-1 probability at which the local answers, taken
-   from the most confident down, still disagree with the teacher on at most
+2. The threshold is the lowest gate score (``edge_runtime.gate.gate_scores`` of the
+   temperature-scaled logits: the top-1 probability or the logit margin) at which the local
+   answers, taken from the most confident down, still disagree with the teacher on at most
    ``max_disagreement`` of them. Lower thresholds answer more queries locally.
 """
 
@@ -16,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.gate import softmax
+from edge_runtime.gate import MAX_PROBABILITY, gate_scores, softmax
 
 
 @dataclass(frozen=True)
 class Calibration:
     temperature: float
     threshold: float
+    score: str
     figures: dict
 
 
@@ -98,12 +100,14 @@ def calibrate(
     labels: np.ndarray,
     teacher_predictions: np.ndarray,
     max_disagreement: float,
+    score: str = MAX_PROBABILITY,
 ) -> Calibration:
-    """Fit the temperature and the threshold on validation logits; return them with figures."""
+    """Fit the temperature and the threshold of gate score ``score`` on validation logits;
+    return them with figures."""
     temperature = fit_temperature(student_logits, labels)
     raw = softmax(student_logits, 1.0)
-    calibrated = softmax(student_logits, temperature)
-    confidence = calibrated.max(axis=1)
+    probability = softmax(student_logits, temperature).max(axis=1)
+    confidence = gate_scores(student_logits, temperature, score)
     predictions = student_logits.argmax(axis=1)
     correct = predictions == labels
     agrees = predictions == teacher_predictions
@@ -116,10 +120,11 @@ def calibrate(
         "n": int(len(labels)),
         "target": f"at most {max_disagreement:.1%} of local answers disagree with the teacher",
         "max_disagreement": max_disagreement,
+        "score": score,
         "nll_before": negative_log_likelihood(student_logits, labels, 1.0),
         "nll_after": negative_log_likelihood(student_logits, labels, temperature),
         "ece_before": expected_calibration_error(raw.max(axis=1), correct),
-        "ece_after": expected_calibration_error(confidence, correct),
+        "ece_after": expected_calibration_error(probability, correct),
         "local_fraction": local_count / len(labels),
         "local_disagreement": float((~agrees[local]).mean()) if local_count else 0.0,
         "local_accuracy": float(correct[local].mean()) if local_count else 0.0,
@@ -127,4 +132,5 @@ def calibrate(
         "teacher_accuracy": float((teacher_predictions == labels).mean()),
         "cascade_accuracy": float(np.where(local, correct, teacher_predictions == labels).mean()),
     }
-    return Calibration(temperature=temperature, threshold=threshold, figures=figures)
+    return Calibration(temperature=temperature, threshold=threshold, score=score,
+                       figures=figures)

@@ -19,6 +19,7 @@ from typing import Any
 
 from edge_runtime.data import DATA_FORMATS
 from edge_runtime.errors import ConfigError
+from edge_runtime.package import SCORE_KINDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -137,6 +138,10 @@ class CalibrationConfig:
     # Target: at most this fraction of local answers on the validation split may disagree
     # with the teacher.
     max_disagreement: float = 0.02
+    # Gate score (edge_runtime.gate): "max_probability", the calibrated top-1 probability, or
+    # "logit_margin", p1 / (p1 + p2) of the two most probable labels. A package with
+    # "logit_margin" needs an edge-runtime that reads package schema version 3.
+    score: str = "max_probability"
 
 
 @dataclass(frozen=True)
@@ -379,6 +384,9 @@ def _validate(config: BuildConfig, source: str) -> None:
     if not 0.0 < config.calibration.max_disagreement < 1.0:
         fail("calibration.max_disagreement", config.calibration.max_disagreement,
              "a fraction in (0, 1), for example 0.02")
+    if config.calibration.score not in SCORE_KINDS:
+        fail("calibration.score", config.calibration.score,
+             " or ".join(repr(kind) for kind in SCORE_KINDS))
     if config.package.expires_days < 0:
         fail("package.expires_days", config.package.expires_days, "0 (no expiry) or more days")
     if config.quantization.weight_type not in ("qint8", "quint8"):

@@ -84,7 +84,9 @@ def render_markdown(report: dict) -> str:
         f"- Temperature {calibration['temperature']:.3f}: NLL {calibration['nll_before']:.3f} -> "
         f"{calibration['nll_after']:.3f}, ECE {calibration['ece_before']:.3f} -> "
         f"{calibration['ece_after']:.3f}.",
-        f"- Threshold {calibration['threshold']:.4f} for the target: {calibration['target']}.",
+        f"- Threshold {calibration['threshold']:.4f} on the gate score "
+        f"`{calibration.get('score', 'max_probability')}` for the target: "
+        f"{calibration['target']}.",
         f"- At that threshold: {_pct(calibration['local_fraction'])} answered locally, "
         f"{_pct(calibration['local_disagreement'])} of them disagree with the teacher; cascade "
         f"accuracy {_pct(calibration['cascade_accuracy'])} vs teacher "

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_runtime.gate import softmax
+from edge_runtime.gate import gate_scores, softmax
 from export.calibrate import (
     calibrate,
     choose_threshold,
@@ -320,7 +320,23 @@ def test_calibrate_figure_metadata(calibration):
     assert figures["split"] == "validation"
     assert figures["n"] == 2000
     assert figures["max_disagreement"] == 0.05
+    assert figures["score"] == "max_probability"
     assert figures["target"] == "at most 5.0% of local answers disagree with the teacher"
+
+
+def test_calibrate_logit_margin_threshold(validation):
+    logits, labels, teacher = validation
+    result = calibrate(logits, labels, teacher, max_disagreement=0.05, score="logit_margin")
+    margin = gate_scores(logits, result.temperature, "logit_margin")
+    local = margin >= result.threshold
+    agrees = logits.argmax(axis=1) == teacher
+
+    assert result.score == "logit_margin"
+    assert result.figures["score"] == "logit_margin"
+    assert result.threshold == choose_threshold(margin, agrees, 0.05)
+    assert 0.5 <= result.threshold < 1.0
+    assert result.figures["local_fraction"] == float(local.mean())
+    assert result.figures["local_disagreement"] == pytest.approx((~agrees[local]).mean())
 
 
 def test_calibrate_no_local_answers():

@@ -52,8 +52,9 @@ def test_clinc150_config_values():
     assert config.student.special_tokens is False
     assert config.student.augment_copies == 2
     assert config.student.transfer_file == "../shared/data/wiki_sentences/all_wiki_sents.txt"
-    assert config.output.version == 3
+    assert config.output.version == 4
     assert config.calibration.max_disagreement == 0.02
+    assert config.calibration.score == "logit_margin"
     assert config.output.dir == "build/clinc150"
     assert config.output.models_dir == "models"
 
@@ -275,6 +276,7 @@ def test_alpha_bounds_accepted(alpha: float):
         ("student", "temperature", 0.0),
         ("calibration", "max_disagreement", 0.0),
         ("calibration", "max_disagreement", 1.0),
+        ("calibration", "score", "entropy"),
         ("quantization", "weight_type", "int4"),
         ("checks", "onnx_tolerance", 0.0),
         ("checks", "min_int8_agreement", 1.5),

@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from edge_runtime.gate import ConfidenceGate, softmax
+from edge_runtime.gate import ConfidenceGate, gate_scores, softmax
 from edge_runtime.package import GateSettings
 
 
-def make_gate(threshold: float = 0.7, temperature: float = 1.0) -> ConfidenceGate:
-    return ConfidenceGate(GateSettings(temperature=temperature, threshold=threshold))
+def make_gate(threshold: float = 0.7, temperature: float = 1.0,
+              score: str = "max_probability") -> ConfidenceGate:
+    return ConfidenceGate(GateSettings(temperature=temperature, threshold=threshold, score=score))
 
 
 # softmax
@@ -225,3 +226,50 @@ def test_decide_accepts_python_list():
 
     assert decision.local is True
     assert decision.label_index == 2
+
+
+# logit_margin
+
+
+def test_logit_margin_known_value():
+    # Logits [0, log 3, 0]: the top label against the runner-up is 3 : 1, so 0.75.
+    gate = make_gate(score="logit_margin")
+
+    assert gate.score(np.array([0.0, math.log(3.0), 0.0])) == pytest.approx(0.75, abs=1e-12)
+
+
+def test_logit_margin_equals_top_two_share():
+    logits = np.random.default_rng(7).normal(0.0, 3.0, size=(50, 6))
+    probabilities = np.sort(softmax(logits, 1.7), axis=1)
+    expected = probabilities[:, -1] / (probabilities[:, -1] + probabilities[:, -2])
+
+    scores = gate_scores(logits, 1.7, "logit_margin")
+
+    np.testing.assert_allclose(scores, expected, rtol=1e-12)
+
+
+def test_logit_margin_ignores_spread_of_rest():
+    # Top-1 probability 0.25, but no other label comes close to the top one.
+    logits = np.array([3.0] + [0.0] * 60)
+    top1 = make_gate(threshold=0.9).decide(logits)
+    margin = make_gate(threshold=0.9, score="logit_margin").decide(logits)
+
+    assert top1.score == pytest.approx(math.exp(3.0) / (math.exp(3.0) + 60.0), abs=1e-12)
+    assert top1.local is False
+    assert margin.score == pytest.approx(1.0 / (1.0 + math.exp(-3.0)), abs=1e-12)
+    assert margin.local is True
+
+
+def test_logit_margin_tie_is_half():
+    score = make_gate(score="logit_margin").score(np.array([2.0, 2.0, -1.0]))
+
+    assert score == pytest.approx(0.5, abs=1e-12)
+
+
+def test_logit_margin_single_label_certain():
+    assert make_gate(score="logit_margin").score(np.array([0.3])) == 1.0
+
+
+def test_gate_scores_unknown_kind():
+    with pytest.raises(ValueError, match="gate score 'entropy' is unknown"):
+        gate_scores(np.zeros((2, 3)), 1.0, "entropy")

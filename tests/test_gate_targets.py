@@ -48,7 +48,7 @@ TEST_EXPECTED = [0, 2, 2, 1, 0]
 TEST_MARGINS = [9.5, 7.0, 4.0, 3.0, 0.5]
 
 
-def compute_rows(module, oos_index=None):
+def compute_rows(module, oos_index=None, score="max_probability"):
     logits = {
         "student validation": margin_logits(VAL_STUDENT, VAL_MARGINS),
         "teacher validation": margin_logits(VAL_TEACHER, [5.0] * 10),
@@ -56,7 +56,7 @@ def compute_rows(module, oos_index=None):
         "teacher test": margin_logits(TEST_TEACHER, [5.0] * 5),
     }
     labels = {"validation": np.array(VAL_EXPECTED), "test": np.array(TEST_EXPECTED)}
-    rows = module.gate_rows(logits, labels, [0.0, 0.18, 0.25], 0.6, oos_index)
+    rows = module.gate_rows(logits, labels, [0.0, 0.18, 0.25], 0.6, oos_index, score)
     return {row["gate"]: row for row in rows}
 
 
@@ -111,6 +111,20 @@ def test_models_alone_in_every_row(gate_targets):
         assert row["test"]["student_accuracy"] == 0.6
 
 
+def test_logit_margin_rows(gate_targets):
+    top1 = compute_rows(gate_targets)
+    margin = compute_rows(gate_targets, score="logit_margin")
+    row = margin["target 18.0%"]
+    # The 18% target keeps the six most confident validation queries; the sixth has margin 5.
+    expected = 1.0 / (1.0 + np.exp(-5.0 / row["temperature"]))
+
+    assert row["score"] == "logit_margin"
+    assert row["threshold"] == pytest.approx(expected, rel=1e-12)
+    # One non-zero logit per row: both scores rank the queries alike.
+    for gate in top1:
+        assert margin[gate]["test"] == top1[gate]["test"]
+
+
 def test_local_disagreement(gate_targets):
     rows = compute_rows(gate_targets)
 
@@ -161,6 +175,7 @@ def test_markdown_one_line_per_row(gate_targets):
         "oos_label": "oos",
         "sizes": {"labels": 3, "validation": 10, "test": 5},
         "config_target": 0.02,
+        "config_score": "max_probability",
         "rows": rows,
     }
     lines = gate_targets.render_markdown(results).splitlines()

@@ -436,12 +436,57 @@ def test_inspect_manifest_json_array_rejected():
 
 def test_unsupported_schema_version_rejected():
     members = default_members()
-    data = build_package(complete_manifest(members, schema_version=3), members)
+    data = build_package(complete_manifest(members, schema_version=4), members)
 
     with raises_exactly(UnsupportedSchemaVersionError) as excinfo:
         read_package(data)
-    assert "schema_version 3" in str(excinfo.value)
+    assert "schema_version 4" in str(excinfo.value)
     assert "upgrade edge-runtime" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("score", "schema_version"),
+    [(None, 2), ("max_probability", 2), ("logit_margin", 3)],
+)
+def test_write_package_lowest_schema_version(tmp_path: Path, score, schema_version):
+    manifest = minimal_manifest()
+    if score is not None:
+        manifest["gate"]["score"] = score
+    path = write_package(tmp_path / "intent.edgepkg", manifest, default_members())
+
+    loaded = read_package(path).manifest
+
+    assert loaded.raw["schema_version"] == schema_version
+    assert loaded.gate.score == (score or "max_probability")
+
+
+def test_schema_2_gate_score_text_means_top1():
+    members = default_members()
+    manifest = complete_manifest(members)
+    manifest["gate"]["score"] = "max softmax(logits / temperature); local when score >= threshold"
+
+    gate = read_package(build_package(manifest, members)).manifest.gate
+
+    assert gate.score == "max_probability"
+
+
+def test_schema_3_gate_score_required():
+    members = default_members()
+    manifest = complete_manifest(members, schema_version=3)
+
+    with raises_exactly(ManifestError, match="missing the key 'score'"):
+        read_package(build_package(manifest, members))
+
+
+def test_schema_3_unknown_gate_score():
+    members = default_members()
+    manifest = complete_manifest(members, schema_version=3)
+    manifest["gate"]["score"] = "entropy"
+
+    with raises_exactly(ManifestError) as excinfo:
+        read_package(build_package(manifest, members))
+    assert "gate score 'entropy' is unknown" in str(excinfo.value)
+    assert "max_probability, logit_margin" in str(excinfo.value)
 
 
 @pytest.mark.parametrize("threshold", [-0.01, 1.01, 2])
