@@ -11,7 +11,9 @@ clock and rollback state, and compares the outcome with the vector's verdict:
   not a subclass or a base) and leave the rollback state unchanged.
 - ``accept``: the reader must return the expected name, version and signer, each member's
   plaintext SHA-256 and the expected rollback state afterwards, and the student must give
-  the expected label for the vector's input and pass its golden inputs.
+  the expected label for the vector's input and pass its golden inputs. With an optional
+  ``gate`` expectation, the package's gate must compute the named score, its value within
+  ``GATE_SCORE_TOLERANCE``, and the expected local-or-escalate decision for that input.
 
 It prints one line per vector and a summary, and exits with 0 when every vector matches, 1 when
 any does not, and 2 when the vector set itself is invalid. Needs only the base install.
@@ -52,6 +54,10 @@ EXPECTED_FIELDS = {
     "label": str,
     "rollback_state": dict,
 }
+# Fields of the optional "gate" of "expected", with their JSON types.
+GATE_FIELDS = {"score": str, "value": (int, float), "local": bool}
+# The vectors' logits are float32, so the score can differ from the generator's float64 value.
+GATE_SCORE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,10 @@ def _parse_vector(item: Any, where: str, path: Path, keys: dict[str, Any]) -> Ve
         expected = _field(item, "expected", dict, path, f"{where}.expected")
         for key, kind in EXPECTED_FIELDS.items():
             _field(expected, key, kind, path, f"{where}.expected.{key}")
+        if expected.get("gate") is not None:
+            gate = _field(expected, "gate", dict, path, f"{where}.expected.gate")
+            for key, kind in GATE_FIELDS.items():
+                _field(gate, key, kind, path, f"{where}.expected.gate.{key}")
         _version_table(expected, "rollback_state", path, f"{where}.expected.rollback_state")
     else:
         raise DataFormatError(
@@ -366,33 +376,68 @@ def _compare_acceptance(
             f"rollback state afterwards is {state_after}, expected {expected['rollback_state']}"
         )
 
-    label, model_problem = _answer(package, expected["input"])
+    answer, model_problem = _answer(package, expected["input"])
+    label = answer["label"] if answer else None
     if model_problem is not None:
         problems.append(model_problem)
-    elif label != expected["label"]:
-        problems.append(
-            f"{expected['input']!r} gives label {label!r}, expected {expected['label']!r}"
-        )
+    else:
+        if label != expected["label"]:
+            problems.append(
+                f"{expected['input']!r} gives label {label!r}, expected {expected['label']!r}"
+            )
+        if expected.get("gate") is not None:
+            problems += _gate_problems(answer, expected["gate"], expected["input"])
     if problems:
         return VectorResult(vector.name, False, "; ".join(problems))
     model_digest = digests.get(manifest.model_member, "")
+    gate = ""
+    if expected.get("gate") is not None:
+        decision = "local" if answer["local"] else "escalate"
+        gate = f" ({answer['score_kind']} {answer['score']:.4f}, {decision})"
     return VectorResult(
         vector.name,
         True,
         f"accepted: {manifest.model_member} sha256 {model_digest[:16]}..., "
-        f"{expected['input']!r} -> {label}",
+        f"{expected['input']!r} -> {label}{gate}",
     )
 
 
-def _answer(package: ModelPackage, text: str) -> tuple[str | None, str | None]:
-    """Return the student's label for ``text``, or a description of what failed."""
+def _gate_problems(answer: dict, expected: dict, text: str) -> list[str]:
+    """Compare the gate's score kind, score and decision for ``text`` with ``expected``."""
+    problems = []
+    if answer["score_kind"] != expected["score"]:
+        problems.append(f"gate score is {answer['score_kind']!r}, expected {expected['score']!r}")
+    score = answer["score"]
+    if score is None or abs(score - expected["value"]) > GATE_SCORE_TOLERANCE:
+        problems.append(
+            f"{text!r} gives gate score {score}, expected {expected['value']} "
+            f"(tolerance {GATE_SCORE_TOLERANCE})"
+        )
+    if answer["local"] != expected["local"]:
+        action = "answer locally" if expected["local"] else "escalate"
+        problems.append(f"the gate does not {action} for {text!r}")
+    return problems
+
+
+def _answer(package: ModelPackage, text: str) -> tuple[dict | None, str | None]:
+    """Return the student's label for ``text`` with the gate's score kind, score and decision,
+    or a description of what failed."""
     from edge_runtime.runtime import ROUTE_LOCAL_ONLY, EdgeRuntime  # loads onnxruntime
 
     try:
-        with EdgeRuntime(package, route=ROUTE_LOCAL_ONLY, answer_cache=False) as runtime:
+        with EdgeRuntime(
+            package, route=ROUTE_LOCAL_ONLY, answer_cache=False, debug=True
+        ) as runtime:
             if runtime.golden_failures:
                 return None, f"golden inputs failed: {runtime.golden_failures}"
-            return runtime.answer(text).label, None
+            answer = runtime.answer(text)
+            score = (answer.debug or {}).get("score")
+            return {
+                "label": answer.label,
+                "score_kind": runtime.gate.kind,
+                "score": score,
+                "local": runtime.gate.accepts(score),
+            }, None
     # The model of a vector is untrusted input: any failure is a mismatch to report.
     except Exception as exc:  # noqa: BLE001
         return None, f"the student failed: {type(exc).__name__}: {exc}"

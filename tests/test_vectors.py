@@ -206,6 +206,21 @@ WRONG_EXPECTATIONS = [
     ("valid", set_expected("plaintext_sha256", {"model.onnx": "0" * 64}), f"expected {'0' * 64}"),
     ("valid-x25519", set_expected("version", 4), "version is 3, expected 4"),
     (
+        "valid-logit-margin",
+        lambda vector: vector["expected"]["gate"].update(local=False),
+        "the gate does not escalate for 'wake me up at 7'",
+    ),
+    (
+        "valid-logit-margin",
+        lambda vector: vector["expected"]["gate"].update(score="max_probability"),
+        "gate score is 'logit_margin', expected 'max_probability'",
+    ),
+    (
+        "valid-logit-margin",
+        lambda vector: vector["expected"]["gate"].update(value=0.8421),
+        "'wake me up at 7' gives gate score 0.904",
+    ),
+    (
         "valid-without-key-commitment",
         set_expected("rollback_state", {}),
         "rollback state afterwards is",
@@ -283,6 +298,10 @@ def test_swapped_package_files_fail(tmp_path: Path, capsys: pytest.CaptureFixtur
             "keys.test-only-signer.key_id",
         ),
         (lambda data: data.update(schema_version=2), "schema_version"),
+        (
+            lambda data: data["vectors"][3]["expected"]["gate"].update(local="yes"),
+            "vectors[3].expected.gate.local",
+        ),
     ],
 )
 def test_invalid_vector_set_exits_2(

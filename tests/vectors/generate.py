@@ -29,6 +29,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import re
 import shutil
 import sys
@@ -43,6 +44,7 @@ from edge_runtime.archive import MANIFEST_NAME, MAX_MEMBER_BYTES, MAX_MEMBERS, S
 from edge_runtime.errors import (
     ExpiredPackageError,
     InvalidMemberNameError,
+    ManifestError,
     OversizeMemberError,
     PackageError,
     PackageIntegrityError,
@@ -216,8 +218,8 @@ def onnx_model() -> bytes:
     return model.SerializeToString()
 
 
-def expected_label(text: str) -> str:
-    """Return the label that the classifier gives ``text``, computed without ONNX Runtime or
+def expected_logits(text: str) -> list[float]:
+    """Return the classifier's logits for ``text``, computed without ONNX Runtime or
     tokenizers, so that the expectation does not come from the code under test."""
     ids = vocabulary()
     rows = embedding_rows()
@@ -225,7 +227,23 @@ def expected_label(text: str) -> str:
     for word in WORD_PATTERN.findall(text.lower())[:MAX_LENGTH]:
         row = rows[ids.get(word, ids["[UNK]"])]
         logits = [total + weight for total, weight in zip(logits, row, strict=True)]
+    return logits
+
+
+def expected_label(text: str) -> str:
+    logits = expected_logits(text)
     return LABELS[logits.index(max(logits))]
+
+
+def top_probability(logits: list[float]) -> float:
+    exponentials = [math.exp(value - max(logits)) for value in logits]
+    return max(exponentials) / sum(exponentials)
+
+
+def logit_margin(logits: list[float]) -> float:
+    """Return sigmoid(z1 - z2) of the two largest logits at temperature 1."""
+    first, second = sorted(logits)[-1], sorted(logits)[-2]
+    return 1.0 / (1.0 + math.exp(second - first))
 
 
 def base_manifest() -> dict[str, Any]:
@@ -522,8 +540,10 @@ def accepted(
     text: str,
     rollback_state: dict[str, int],
     device_key: str = DEVICE_P256,
+    gate: dict[str, Any] | None = None,
 ) -> Vector:
-    """Return a valid vector; the expectations come from the generator's own plaintexts."""
+    """Return a valid vector; the expectations come from the generator's own plaintexts.
+    ``gate`` is the expected gate score and decision for ``text``, when the vector tests it."""
     after = dict(rollback_state)
     key = rollback_key(keys)
     after[key] = max(after.get(key, VERSION), VERSION)
@@ -545,6 +565,7 @@ def accepted(
             "input": text,
             "label": expected_label(text),
             "rollback_state": after,
+            **({"gate": gate} if gate is not None else {}),
         },
     )
 
@@ -605,6 +626,43 @@ def build_vectors(keys: VectorKeys) -> list[Vector]:
             keys,
             "Will it rain tomorrow",
             {rollback_key(keys): 2},
+        )
+    )
+
+    # The logit-margin score of this input is above the threshold and its top-1 probability
+    # below, so a reader that computes the wrong score reaches the wrong decision.
+    margin_text = "wake me up at 7"
+    margin_logits = expected_logits(margin_text)
+    margin_threshold = round(
+        (logit_margin(margin_logits) + top_probability(margin_logits)) / 2.0, 4
+    )
+    margin_gate = {**base_manifest()["gate"], "threshold": margin_threshold,
+                   "score": "logit_margin"}
+    vectors.append(
+        accepted(
+            "valid-logit-margin",
+            "package schema 3: the gate scores p1 / (p1 + p2) of the two most probable labels; "
+            "the input's top-1 probability is below the threshold and this score above it",
+            pack(sealed(keys, [device_public], gate=margin_gate), keys.signer),
+            keys,
+            margin_text,
+            {},
+            gate={
+                "score": "logit_margin",
+                "value": round(logit_margin(margin_logits), 6),
+                "local": True,
+            },
+        )
+    )
+    unknown_score = sealed(keys, [device_public], gate={**margin_gate, "score": "entropy"})
+    unknown_score.manifest["schema_version"] = 3
+    vectors.append(
+        rejected(
+            "unknown-gate-score",
+            "package schema 3 with a gate score that no reader computes ('entropy')",
+            pack(unknown_score, keys.signer),
+            ManifestError,
+            "manifest",
         )
     )
 
@@ -806,6 +864,7 @@ def error_table(vectors: list[Vector]) -> dict[str, list[str]]:
             RollbackError,
             ExpiredPackageError,
             InvalidMemberNameError,
+            ManifestError,
             OversizeMemberError,
             TooManyMembersError,
             signing.SignatureError,
@@ -828,7 +887,7 @@ def vector_set(keys: VectorKeys, vectors: list[Vector]) -> dict[str, Any]:
     return {
         "format": conformance.FORMAT,
         "schema_version": conformance.SCHEMA_VERSION,
-        "package_schema_version": 2,
+        "package_schema_version": 3,
         "test_only": True,
         "notice": "Every key listed here is a test-only key, committed in public: never use "
         "these keys for real packages.",
