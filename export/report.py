@@ -61,8 +61,8 @@ def render_markdown(report: dict) -> str:
         f"{_pct(preview['in_scope_accuracy'])} | {_pct(preview['oos_recall'])} | "
         f"{_pct(preview['local_fraction'])} answered locally |",
         "",
-        "The cascade row is computed from batched logits; `edge-runtime eval` measures it through "
-        "the runtime and a gateway.",
+        "The int8 and cascade rows come from one query per ONNX Runtime call, as on a device; "
+        "`edge-runtime eval` measures the cascade through the runtime and a gateway.",
         "",
         "## Checks",
         "",

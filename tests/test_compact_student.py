@@ -40,8 +40,8 @@ def tiny_config(out: Path, **overrides):
 @pytest.fixture(scope="module")
 def compact_build(tiny_build, tmp_path_factory):
     """The tiny build again, with its teacher loaded from the first tiny build's ONNX file, a
-    rank-64 word embedding table, a trimmed vocabulary without [CLS] and [SEP], and one
-    augmented variant per training query."""
+    rank-64 word embedding table, a trimmed vocabulary without [CLS] and [SEP], one
+    augmented variant per training query and the logit-margin gate score."""
     require_clinc150()
     pytest.importorskip("torch")
     from export.build import build
@@ -54,6 +54,7 @@ def compact_build(tiny_build, tmp_path_factory):
         "student.embedding_rank": 64, "student.trim_vocabulary": True,
         "student.intermediate_size": 256, "student.transfer_file": str(transfer),
         "student.augment_copies": 1, "student.special_tokens": False,
+        "calibration.score": "logit_margin",
     })
     return out, build(config)
 
@@ -167,6 +168,19 @@ def test_compact_student_answers(compact_build):
 
     assert answer.label == "alarm"
     assert report["stages"]["student"]["test_int8"]["in_scope_accuracy"] >= 0.75
+
+
+def test_logit_margin_gate_packaged(compact_build):
+    out, report = compact_build
+    package = read_package(out / "clinc150-tiny-student.edgepkg", demo_trust())
+    calibration = report["stages"]["calibration"]
+
+    assert package.manifest.raw["schema_version"] == 3
+    assert package.manifest.gate.score == "logit_margin"
+    assert package.manifest.gate.threshold == calibration["threshold"]
+    assert calibration["score"] == "logit_margin"
+    # The threshold is one of the validation scores p1 / (p1 + p2), which are at least 0.5, or 1.
+    assert 0.5 <= calibration["threshold"] <= 1.0
 
 
 def test_compact_student_is_smaller(tiny_build, compact_build):

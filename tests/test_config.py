@@ -50,7 +50,7 @@ def test_clinc150_config_values():
     assert config.student.intermediate_size == 512
     assert config.student.trim_vocabulary is True
     assert config.student.special_tokens is False
-    assert config.student.augment_copies == 2
+    assert config.student.augment_copies == 4
     assert config.student.transfer_file == "../shared/data/wiki_sentences/all_wiki_sents.txt"
     assert config.output.version == 4
     assert config.calibration.max_disagreement == 0.02

@@ -294,8 +294,8 @@ def test_package_mode_student_answers(package_mode_build):
 
     assert manifest.version == 2
     assert provenance["teacher"]["mode"] == "package"
-    # models/clinc150-teacher.edgepkg is version 3, from the build of the version-3 student.
-    assert provenance["teacher"]["package"] == "clinc150-teacher@3"
+    # models/clinc150-teacher.edgepkg is version 4, from the build of the version-4 student.
+    assert provenance["teacher"]["package"] == "clinc150-teacher@4"
     assert provenance["data"]["extra_train"] == 8 * EXTRA_PER_LABEL
     with EdgeRuntime.load(package, trust=demo_trust()) as runtime:
         assert runtime.student_trusted
