@@ -211,7 +211,8 @@ def render_markdown(results: dict) -> str:
         f"{results['sizes']['labels']} labels, {results['sizes']['validation']} validation and "
         f"{results['sizes']['test']} test queries; the config's target is "
         f"{results['config_target']:.1%} with score `{results['config_score']}`. Gate score "
-        f"`{first['score']}`, temperature {first['temperature']:.3f}, fitted on validation. `local`: share answered by the int8 student. `disagree`: share of the "
+        f"`{first['score']}`, temperature {first['temperature']:.3f}, fitted on validation. "
+        "`local`: share answered by the int8 student. `disagree`: share of the "
         "local answers that differ from the int8 teacher. `cascade`: accuracy of the student "
         "when local, else the int8 teacher. `test share` is fitted on test.",
         "",

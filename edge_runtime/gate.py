@@ -9,9 +9,10 @@ confident:
   [0.5, 1]. Unlike the top-1 probability it does not fall when the rest of the probability is
   spread over many labels, only when a second label comes close.
 
-The gate answers locally when ``score >= threshold`` and the threshold is below 1.0. A threshold of 1.0 turns local answers
-off, which calibration picks when no threshold meets its target. A missing or invalid score
-(None, NaN, infinite, outside [0, 1]) always escalates, because the teacher is the safe path.
+The gate answers locally when ``score >= threshold`` and the threshold is below 1.0. A
+threshold of 1.0 turns local answers off, which calibration picks when no threshold meets its
+target. A missing or invalid score (None, NaN, infinite, outside [0, 1]) always escalates,
+because the teacher is the safe path.
 """
 
 from __future__ import annotations

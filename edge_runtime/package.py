@@ -1,8 +1,8 @@
 """Model packages: one file holding a manifest, an ONNX model and its tokenizer, optionally
 signed and encrypted.
 
-Format, schema versions 2 and 3 (``docs/package-format.md`` has the full description): a ZIP archive
-of stored (uncompressed) members:
+Format, schema versions 2 and 3 (``docs/package-format.md`` has the full description): a ZIP
+archive of stored (uncompressed) members:
 
 - ``manifest.json``: UTF-8 JSON with the package name and integer version, labels, model and
   tokenizer entries, the calibrated gate, golden inputs, provenance, an optional ``expires_at``,
@@ -61,7 +61,8 @@ log = get_logger(__name__)
 # version that can express the manifest, so a version-2 reader still opens every package whose
 # gate uses the top-1 probability, and rejects one whose gate it would misread.
 SCHEMA_VERSION = 3
-SCORE_SCHEMA_VERSION = 2  # the newest version whose gate score is always the top-1 probability
+# The newest version whose gate score is always the top-1 probability.
+MAX_PROBABILITY_SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = (2, 3)
 
 # Names of the gate scores, computed by edge_runtime.gate.gate_scores.
@@ -598,7 +599,7 @@ def _schema_version_for(manifest: dict[str, Any]) -> int:
     gate = manifest.get("gate")
     if isinstance(gate, dict) and gate.get("score") in set(SCORE_KINDS) - {MAX_PROBABILITY}:
         return SCHEMA_VERSION
-    return SCORE_SCHEMA_VERSION
+    return MAX_PROBABILITY_SCHEMA_VERSION
 
 
 def _parse_manifest(raw: Any, source: str) -> Manifest:
@@ -659,7 +660,7 @@ def _parse_manifest(raw: Any, source: str) -> Manifest:
             raise ManifestError(f"{source}: gate 'fitted_on' must be an object or null, got "
                                 f"{type(fitted_on).__name__}")
         score = MAX_PROBABILITY
-        if schema > SCORE_SCHEMA_VERSION:
+        if schema > MAX_PROBABILITY_SCHEMA_VERSION:
             # Version 2 stores a free description in 'score'; version 3 stores the score's name.
             score = _require(gate_raw, "score", str, source + " [gate]")
             if score not in SCORE_KINDS:
