@@ -6,10 +6,11 @@ the gate again from the build's int8 models, as ``export build`` does, and repor
 and test the share of queries that the student answers locally and the accuracy of the cascade
 (the int8 student when local, else the int8 teacher), with in-scope accuracy and out-of-scope
 recall on test when the data has an out-of-scope label. The models run one query at a time,
-as on a device. ``--score`` compares gate scores; the default is the config's
-``[calibration] score``. The row "test share N%" uses the
-threshold that answers ``--local-share`` of test locally, so it is fitted on test and is only a
-point of the curve. The rows "teacher only" and "student only" are the two ends of the curve.
+as on a device. ``--score`` compares gate scores; the default is the score of the build's
+gate, read from its ``build_report.json`` (else the config's ``[calibration] score``). The row
+"test share N%" uses the threshold that answers ``--local-share`` of test locally, so it is
+fitted on test and is only a point of the curve. The rows "teacher only" and "student only"
+are the two ends of the curve.
 
     python benchmarks/gate_targets.py --config export/configs/banking77.toml [--build-dir DIR]
         [--targets 0.005,0.01,0.015,0.02,0.03,0.04] [--local-share 0.85]
@@ -161,8 +162,15 @@ def build_logits(config_path: str, build_dir: str | None) -> dict:
     sizes = {"labels": len(names), "validation": len(val), "test": len(test)}
     progress(f"data: {len(names)} labels, {len(val)} validation, {len(test)} test")
     report_path = folder / "build_report.json"
+    build_score = config.calibration.score
     if report_path.is_file():
-        built = json.loads(report_path.read_text(encoding="utf-8")).get("data", {})
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        calibration = report.get("stages", {}).get("calibration")
+        if calibration is not None:
+            # Reports from before the score was configurable have none: their gate used the
+            # top-1 probability.
+            build_score = calibration.get("score", "max_probability")
+        built = report.get("data", {})
         if any(built.get(key) != count for key, count in sizes.items()):
             # The figures still describe these models, but on other splits than the build's.
             progress(
@@ -191,7 +199,7 @@ def build_logits(config_path: str, build_dir: str | None) -> dict:
         "oos_label": oos if oos in index else None,
         "oos_index": index.get(oos) if oos else None,
         "config_target": config.calibration.max_disagreement,
-        "config_score": config.calibration.score,
+        "build_score": build_score,
         "sizes": sizes,
     }
 
@@ -210,7 +218,8 @@ def render_markdown(results: dict) -> str:
         "",
         f"{results['sizes']['labels']} labels, {results['sizes']['validation']} validation and "
         f"{results['sizes']['test']} test queries; the config's target is "
-        f"{results['config_target']:.1%} with score `{results['config_score']}`. Gate score "
+        f"{results['config_target']:.1%}, and the build's gate uses `{results['build_score']}`. "
+        "Gate score of every row: "
         f"`{first['score']}`, temperature {first['temperature']:.3f}, fitted on validation. "
         "`local`: share answered by the int8 student. `disagree`: share of the "
         "local answers that differ from the int8 teacher. `cascade`: accuracy of the student "
@@ -298,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--score",
         choices=SCORE_KINDS,
-        help="gate score of every row; default: the config's calibration.score",
+        help="gate score of every row; default: the score of the build's gate",
     )
     parser.add_argument("--results", help="write RESULTS.json and RESULTS.md (path without suffix)")
     args = parser.parse_args(argv)
@@ -318,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         targets,
         args.local_share,
         data.pop("oos_index"),
-        args.score or data["config_score"],
+        args.score or data["build_score"],
     )
     results = {
         "command": shlex.join(["python", "benchmarks/gate_targets.py", *argv]),

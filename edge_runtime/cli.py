@@ -298,8 +298,9 @@ def run_ask(args: argparse.Namespace) -> int:
         top = sorted(answer.debug["probabilities"].items(), key=lambda kv: -kv[1])[:5]
         print(f"{answer.debug['score_kind']} {answer.debug['score']:.4f}, "
               f"threshold {answer.debug['threshold']:.4f}")
+        width = max(len(label) for label, _ in top)
         for label, probability in top:
-            print(f"  {label:<24} {probability:.4f}")
+            print(f"  {label:<{width}}  {probability:.4f}")
     return 0
 
 

@@ -175,7 +175,7 @@ def test_markdown_one_line_per_row(gate_targets):
         "oos_label": "oos",
         "sizes": {"labels": 3, "validation": 10, "test": 5},
         "config_target": 0.02,
-        "config_score": "max_probability",
+        "build_score": "max_probability",
         "rows": rows,
     }
     lines = gate_targets.render_markdown(results).splitlines()
