@@ -286,6 +286,17 @@ def _with_output_defaults(config: BuildConfig) -> BuildConfig:
     return dataclasses.replace(config, output=output)
 
 
+# String keys that take one of a few names, for the messages of both checks.
+_CHOICES = {
+    "calibration.score": SCORE_KINDS,
+    "quantization.weight_type": ("qint8", "quint8"),
+}
+
+
+def _choices_text(key: str) -> str:
+    return " or ".join(repr(choice) for choice in _CHOICES[key])
+
+
 def _build_section(cls: type, table: dict[str, Any], where: str, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(fields))
@@ -315,6 +326,8 @@ def _build_section(cls: type, table: dict[str, Any], where: str, prefix: str) ->
             expected = type(default).__name__
             if isinstance(default, tuple):
                 expected = "a list of integers" if name == "layers" else "a list of strings"
+            if key in _CHOICES:
+                expected = f"a string, {_choices_text(key)}"
             raise ConfigError(f"{where}: key {key!r} is {value!r}; expected {expected}")
         values[name] = value
     return cls(**values)
@@ -384,13 +397,13 @@ def _validate(config: BuildConfig, source: str) -> None:
     if not 0.0 < config.calibration.max_disagreement < 1.0:
         fail("calibration.max_disagreement", config.calibration.max_disagreement,
              "a fraction in (0, 1), for example 0.02")
-    if config.calibration.score not in SCORE_KINDS:
-        fail("calibration.score", config.calibration.score,
-             " or ".join(repr(kind) for kind in SCORE_KINDS))
+    if config.calibration.score not in _CHOICES["calibration.score"]:
+        fail("calibration.score", config.calibration.score, _choices_text("calibration.score"))
     if config.package.expires_days < 0:
         fail("package.expires_days", config.package.expires_days, "0 (no expiry) or more days")
-    if config.quantization.weight_type not in ("qint8", "quint8"):
-        fail("quantization.weight_type", config.quantization.weight_type, "'qint8' or 'quint8'")
+    if config.quantization.weight_type not in _CHOICES["quantization.weight_type"]:
+        fail("quantization.weight_type", config.quantization.weight_type,
+             _choices_text("quantization.weight_type"))
     if not 0.0 <= config.checks.min_int8_agreement <= 1.0:
         fail("checks.min_int8_agreement", config.checks.min_int8_agreement, "a fraction in [0, 1]")
 

@@ -295,6 +295,20 @@ def test_max_length_bounds_accepted(max_length: int):
     assert config.teacher.max_length == max_length
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "names"),
+    [
+        ("calibration", "score", "'max_probability' or 'logit_margin'"),
+        ("quantization", "weight_type", "'qint8' or 'quint8'"),
+    ],
+)
+def test_wrong_type_lists_choices(section: str, key: str, names: str):
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(config_with(section, key, 0.5))
+    assert f"'{section}.{key}' is 0.5" in str(excinfo.value)
+    assert f"expected a string, {names}" in str(excinfo.value)
+
+
 def test_toml_nan_alpha_rejected(tmp_path: Path):
     path = write_toml(tmp_path, MINIMAL_TOML + "[student]\nalpha = nan\n")
 
