@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from edge_runtime.errors import ConfigError, EdgeRuntimeError  # noqa: E402
-from edge_runtime.gate import SCORE_KINDS, gate_scores  # noqa: E402
+from edge_runtime.gate import MAX_PROBABILITY, SCORE_KINDS, gate_scores  # noqa: E402
 from export.calibrate import calibrate, fit_temperature  # noqa: E402
 
 DEFAULT_TARGETS = "0.005,0.01,0.015,0.02,0.03,0.04"
@@ -76,7 +76,7 @@ def gate_rows(
     targets: list[float],
     local_share: float,
     oos_index: int | None = None,
-    score: str = "max_probability",
+    score: str = MAX_PROBABILITY,
 ) -> list[dict]:
     """Compute one row per gate from the logits of the int8 models.
 
@@ -169,7 +169,7 @@ def build_logits(config_path: str, build_dir: str | None) -> dict:
         if calibration is not None:
             # Reports from before the score was configurable have none: their gate used the
             # top-1 probability.
-            build_score = calibration.get("score", "max_probability")
+            build_score = calibration.get("score", MAX_PROBABILITY)
         built = report.get("data", {})
         if any(built.get(key) != count for key, count in sizes.items()):
             # The figures still describe these models, but on other splits than the build's.

@@ -597,7 +597,8 @@ def _schema_version_for(manifest: dict[str, Any]) -> int:
     """Return the lowest schema version that expresses ``manifest``'s gate: 3 for a score
     other than the top-1 probability, else 2 (whose readers ignore the gate's 'score')."""
     gate = manifest.get("gate")
-    if isinstance(gate, dict) and gate.get("score") in set(SCORE_KINDS) - {MAX_PROBABILITY}:
+    score = gate.get("score") if isinstance(gate, dict) else None
+    if score in SCORE_KINDS and score != MAX_PROBABILITY:
         return SCHEMA_VERSION
     return MAX_PROBABILITY_SCHEMA_VERSION
 

@@ -85,7 +85,7 @@ EXPORT_CHECK_TEXTS = 512
 STUDENT_TOKENIZER = "student-tokenizer.json"
 GOLDEN_COUNT = 8
 # Dynamic int8 quantization scales activations per batch, so an int8 model's logits depend on
-# the other queries in its batch: on CLINC150 test the int8 teacher's top label differed for
+# the other queries in its batch. On CLINC150 test the int8 teacher's top label differed for
 # 2.5% of queries between batches of 128 and single queries. Devices and the gateway run one
 # query at a time, so the int8 figures and the gate are computed that way too.
 DEVICE_BATCH_SIZE = 1

@@ -19,7 +19,7 @@ from typing import Any
 
 from edge_runtime.data import DATA_FORMATS
 from edge_runtime.errors import ConfigError
-from edge_runtime.package import SCORE_KINDS
+from edge_runtime.package import MAX_PROBABILITY, SCORE_KINDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -141,7 +141,7 @@ class CalibrationConfig:
     # Gate score (edge_runtime.gate): "max_probability", the calibrated top-1 probability, or
     # "logit_margin", p1 / (p1 + p2) of the two most probable labels. A package with
     # "logit_margin" needs an edge-runtime that reads package schema version 3.
-    score: str = "max_probability"
+    score: str = MAX_PROBABILITY
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,7 @@ def top_probability(logits: list[float]) -> float:
 
 def logit_margin(logits: list[float]) -> float:
     """Return sigmoid(z1 - z2) of the two largest logits at temperature 1."""
-    first, second = sorted(logits)[-1], sorted(logits)[-2]
+    second, first = sorted(logits)[-2:]
     return 1.0 / (1.0 + math.exp(second - first))
 
 
